@@ -1,0 +1,256 @@
+"""`DirMoEConfig`: every DirMoE router hyperparameter, its paper default, and its valid range.
+
+This module is the single place where a DirMoE default is written down. The command-line flags
+(`--dirmoe-<field-name-with-dashes>`) are generated from the dataclass fields by
+:func:`add_dirmoe_args`, and :func:`config_from_args` maps a parsed namespace back, so a field and
+its flag cannot drift apart.
+
+Pure Python: no torch, no Megatron imports (the HF model code and the tests import it freely).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["DirMoEConfig", "add_dirmoe_args", "config_from_args", "flag_name"]
+
+FLAG_PREFIX = "--dirmoe-"
+
+# r = alpha_hi / alpha_lo used when neither `prior_ratio` nor `prior_mass` is given. The paper notes
+# quote r ~ 39.7 (and alpha_hi = r * alpha_lo ~ 1.99, which holds for alpha_lo = 0.05).
+DEFAULT_PRIOR_RATIO = 39.7
+
+
+def _doc(text: str, **kwargs: Any):
+    """A dataclass field whose help text is the flag's help text."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DirMoEConfig:
+    """Hyperparameters of the DirMoE (Dirichlet-routed MoE) router.
+
+    Defaults follow the paper (Table 4 and Sec. 4; see ``shared/reference``). Construction
+    validates every range that does not depend on the number of experts; call
+    :meth:`validate_for` with the number of experts to check the rest (the router and the CLI
+    do this at start-up). Frozen: nothing writes to it after construction.
+    """
+
+    target_k: int = _doc(
+        "target number of active experts per token k; the expected-k penalty pulls sum(pi) to k "
+        "and the spike bias is initialised so that every gate fires with probability k/E",
+        default=1,
+    )
+    max_active: Optional[int] = _doc(
+        "hard cap on active experts per token (bounds dispatcher buffers); default min(E, 4k)",
+        default=None,
+    )
+    route_threshold: float = _doc(
+        "expert i is routed when its combined weight w_i >= this threshold; in (0, 1)",
+        default=0.125,
+    )
+    renormalize: bool = _doc(
+        "renormalise the routing probabilities over the active set", default=True
+    )
+    tau_start: float = _doc("spike (Gumbel-Sigmoid) temperature at iteration 0", default=2.0)
+    tau_end: float = _doc("spike temperature at the end of the schedule (cosine)", default=0.3)
+    prior_scale_start: float = _doc("Dirichlet prior scale lambda_p at iteration 0", default=0.5)
+    prior_scale_end: float = _doc("Dirichlet prior scale lambda_p at the schedule end", default=0.3)
+    prior_scale_schedule: str = _doc(
+        "shape of the lambda_p schedule: 'cosine' or 'exponential'", default="cosine"
+    )
+    schedule_iters: Optional[int] = _doc(
+        "horizon T of the tau_z and lambda_p schedules in iterations; default: the run's "
+        "--train-iters",
+        default=None,
+    )
+    posterior_scale: float = _doc(
+        "posterior concentration scale lambda_q: alpha_q = max(lambda_q * softmax(v), floor)",
+        default=20.0,
+    )
+    prior_ratio: Optional[float] = _doc(
+        "r = alpha_hi / alpha_lo of the spike-dependent prior; default 39.7, or derived from "
+        "--dirmoe-prior-mass when that is given (set at most one of the two)",
+        default=None,
+    )
+    prior_mass: Optional[float] = _doc(
+        "prior mean mass m on the k active experts; when set, r = m (E - k) / ((1 - m) k) "
+        "(m = 0.9 gives r = 63 for E=8, k=1)",
+        default=None,
+    )
+    alpha_lo: float = _doc("prior concentration of an inactive expert (before lambda_p)", default=0.05)
+    alpha_floor: float = _doc(
+        "lower clamp of every Dirichlet concentration (torch's gamma sampler is wrong below ~1e-3)",
+        default=0.005,
+    )
+    alpha_ceiling: float = _doc(
+        "upper clamp of every Dirichlet concentration (torch's Dirichlet gradient is unstable "
+        "near 1e4)",
+        default=1000.0,
+    )
+    kl_weight: float = _doc("weight beta_theta of the Dirichlet KL term", default=1e-2)
+    sparsity_weight: float = _doc(
+        "weight lambda_sparsity of the expected-k penalty (sum_i pi_i - k)^2", default=1e-2
+    )
+    recon_variance: float = _doc(
+        "reconstruction variance sigma^2; the KL and sparsity terms are scaled by it", default=1.0
+    )
+    leak: float = _doc(
+        "leak eps_w added to every z_i * theta_i before normalising the combined weights",
+        default=1e-3,
+    )
+    capacity_factor: Optional[float] = _doc(
+        "expert capacity as a multiple of T * k / E tokens (measured against the target k); "
+        "tokens over capacity are dropped by lowest probability. Default: dropless",
+        default=None,
+    )
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> None:
+            raise ValueError(
+                f"{flag_name(name)} (DirMoEConfig.{name}) = {getattr(self, name)!r} is invalid: "
+                f"allowed {allowed}"
+            )
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                bad(name, "a finite value > 0")
+
+        def non_negative(name: str) -> None:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                bad(name, "a finite value >= 0")
+
+        if not isinstance(self.target_k, int) or self.target_k < 1:
+            bad("target_k", "an integer >= 1 (and <= the number of experts)")
+        if self.max_active is not None and (
+            not isinstance(self.max_active, int) or self.max_active < self.target_k
+        ):
+            bad("max_active", f"an integer >= target_k ({self.target_k}) and <= the number of experts")
+        if not (0.0 < self.route_threshold < 1.0):
+            bad("route_threshold", "the open interval (0, 1)")
+        for name in ("tau_start", "tau_end", "prior_scale_start", "prior_scale_end",
+                     "posterior_scale", "alpha_lo", "alpha_floor", "recon_variance", "leak"):
+            positive(name)
+        for name in ("kl_weight", "sparsity_weight"):
+            non_negative(name)
+        if self.prior_scale_schedule not in ("cosine", "exponential"):
+            bad("prior_scale_schedule", "'cosine' or 'exponential'")
+        if self.schedule_iters is not None and (
+            not isinstance(self.schedule_iters, int) or self.schedule_iters < 1
+        ):
+            bad("schedule_iters", "an integer >= 1")
+        if not (math.isfinite(self.alpha_ceiling) and self.alpha_ceiling > self.alpha_floor):
+            bad("alpha_ceiling", f"a finite value > alpha_floor ({self.alpha_floor})")
+        if self.posterior_scale > self.alpha_ceiling:
+            bad("posterior_scale", f"(0, alpha_ceiling = {self.alpha_ceiling}]")
+        if self.prior_ratio is not None and self.prior_mass is not None:
+            raise ValueError(
+                f"{flag_name('prior_ratio')} and {flag_name('prior_mass')} are both set; "
+                "set at most one (r is derived from m when only m is given)"
+            )
+        if self.prior_ratio is not None and not (
+            math.isfinite(self.prior_ratio) and self.prior_ratio >= 1.0
+        ):
+            bad("prior_ratio", "a finite value >= 1")
+        if self.prior_mass is not None and not (0.0 < self.prior_mass < 1.0):
+            bad("prior_mass", "the open interval (0, 1)")
+        if self.capacity_factor is not None:
+            positive("capacity_factor")
+
+    def validate_for(self, num_experts: int) -> "DirMoEConfig":
+        """Check the ranges that depend on the number of experts E; returns ``self``."""
+        if not isinstance(num_experts, int) or num_experts < 2:
+            raise ValueError(f"--num-experts = {num_experts!r}: DirMoE needs at least 2 experts")
+        if self.target_k > num_experts:
+            raise ValueError(
+                f"{flag_name('target_k')} = {self.target_k} is invalid: allowed 1 <= k <= "
+                f"--num-experts ({num_experts})"
+            )
+        if self.max_active is not None and self.max_active > num_experts:
+            raise ValueError(
+                f"{flag_name('max_active')} = {self.max_active} is invalid: allowed "
+                f"{self.target_k} <= max_active <= --num-experts ({num_experts})"
+            )
+        if self.target_k == num_experts and self.prior_mass is not None:
+            raise ValueError(f"{flag_name('prior_mass')} needs k < E to derive r")
+        return self
+
+    # ------------------------------------------------------------------ derived values
+    def max_active_for(self, num_experts: int) -> int:
+        """The cap on active experts per token: ``max_active`` or min(E, 4k)."""
+        if self.max_active is not None:
+            return self.max_active
+        return min(num_experts, 4 * self.target_k)
+
+    def prior_ratio_for(self, num_experts: int) -> float:
+        """r = alpha_hi / alpha_lo: given, derived from the prior mass m, or the default."""
+        if self.prior_ratio is not None:
+            return self.prior_ratio
+        if self.prior_mass is not None:
+            m, k, e = self.prior_mass, self.target_k, num_experts
+            return m * (e - k) / ((1.0 - m) * k)
+        return DEFAULT_PRIOR_RATIO
+
+    def with_schedule_horizon(self, train_iters: int) -> "DirMoEConfig":
+        """A copy whose schedule horizon defaults to ``train_iters`` when unset."""
+        if self.schedule_iters is not None:
+            return self
+        return dataclasses.replace(self, schedule_iters=int(train_iters))
+
+
+# ---------------------------------------------------------------------- CLI mapping
+def flag_name(field_name: str) -> str:
+    """`target_k` -> `--dirmoe-target-k`."""
+    return FLAG_PREFIX + field_name.replace("_", "-")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    # Annotations are strings under `from __future__ import annotations`.
+    text = str(f.type)
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if name in text:
+            return typ
+    raise TypeError(f"unsupported DirMoEConfig field type {text} for {f.name}")
+
+
+def add_dirmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add one ``--dirmoe-*`` flag per :class:`DirMoEConfig` field (usable as Megatron's
+    ``extra_args_provider``). Defaults are left as ``None`` so the dataclass stays the only
+    place a default lives."""
+    group = parser.add_argument_group("DirMoE router", "DirMoE router hyperparameters")
+    for f in dataclasses.fields(DirMoEConfig):
+        typ = _field_type(f)
+        default = f.default
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if typ is bool:
+            group.add_argument(
+                flag_name(f.name), dest=f"dirmoe_{f.name}", action=argparse.BooleanOptionalAction,
+                default=None, help=help_text,
+            )
+        else:
+            group.add_argument(
+                flag_name(f.name), dest=f"dirmoe_{f.name}", type=typ, default=None,
+                help=help_text,
+            )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, num_experts: Optional[int] = None) -> DirMoEConfig:
+    """Build (and validate) a :class:`DirMoEConfig` from a namespace parsed with
+    :func:`add_dirmoe_args`; flags the user did not give keep the dataclass default."""
+    given = {}
+    for f in dataclasses.fields(DirMoEConfig):
+        value = getattr(args, f"dirmoe_{f.name}", None)
+        if value is not None:
+            given[f.name] = value
+    config = DirMoEConfig(**given)
+    if num_experts is not None:
+        config.validate_for(num_experts)
+    return config

@@ -1,0 +1,300 @@
+"""`DirichletRouter`: the DirMoE router as a Megatron-Core `Router`.
+
+The math lives in :mod:`megatron_dirmoe.routing`; this adapter only does Megatron plumbing:
+the fp32 gating GEMM, schedules by iteration, attaching the KL and expected-k losses with
+`MoEAuxLossAutoScaler`, padding masks, the z-loss hook, and metrics for Megatron's MoE tracker.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    get_default_pg_collection,
+    router_gating_linear,
+)
+from megatron.core.transformer.moe.router import Router, TopKRouter
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_dirmoe.config import DirMoEConfig
+from megatron_dirmoe.routing import RoutingResult, route, routing_regularizers, spike_bias_init
+from megatron_dirmoe.schedules import prior_scale_at, temperature_at
+
+__all__ = ["DirichletRouter", "set_router_iteration", "iter_dirichlet_routers", "METRIC_NAMES"]
+
+# Per-layer scalars recorded in Megatron's MoE metrics tracker (names end without "loss" so
+# Megatron's `total_loss_dict` handling leaves them alone).
+METRIC_NAMES = (
+    "dirmoe/active_experts",
+    "dirmoe/active_experts_max",
+    "dirmoe/eval_active_experts",
+    "dirmoe/expected_k",
+    "dirmoe/fallback_frac",
+    "dirmoe/capped_frac",
+    "dirmoe/load_simpson",
+    "dirmoe/effective_experts",
+    "dirmoe/max_load",
+    "dirmoe/kl",
+    "dirmoe/sparsity_penalty",
+    "dirmoe/tau",
+    "dirmoe/prior_scale",
+)
+
+
+class DirichletRouter(Router):
+    """DirMoE router: Bernoulli spike gates pick experts, a Dirichlet slab splits the weight.
+
+    Built by Megatron's `MoELayer` as ``router(config=..., pg_collection=..., is_mtp_layer=...)``;
+    DirMoE hyperparameters come in through ``dirmoe_config`` (bind it with
+    ``functools.partial``, which :func:`megatron_dirmoe.specs.swap_router` does).
+
+    ``forward(input [s, b, h], padding_mask [s, b] (True = padding))`` returns
+    ``(probs [T, E] fp32, routing_map [T, E] bool)`` with 1..max_active experts per real token
+    and none for padded tokens (they add no load and no loss).
+
+    Parameters (fp32, replicated over TP and marked ``sequence_parallel`` like Megatron's router
+    weight so their gradients are all-reduced): ``weight`` = [W_z; W_v] stacked as [2E, h] so both
+    logits come from one GEMM, and ``spike_bias`` b_z [E].
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        dirmoe_config: Optional[DirMoEConfig] = None,
+        is_mtp_layer: bool = False,
+    ) -> None:
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        self.dirmoe_config = (dirmoe_config or DirMoEConfig()).validate_for(config.num_moe_experts)
+        temperature_at(self.dirmoe_config, 0)  # fails at build time if the horizon is unset
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        num_experts, hidden = config.num_moe_experts, config.hidden_size
+        self.max_active = self.dirmoe_config.max_active_for(num_experts)
+        self.prior_ratio = self.dirmoe_config.prior_ratio_for(num_experts)
+        self.iteration = 0
+        # Megatron's optional gate bias is replaced by the spike bias; the slab has no bias.
+        self.bias = None
+        self.weight = torch.nn.Parameter(torch.empty(2 * num_experts, hidden, dtype=torch.float32))
+        self.spike_bias = torch.nn.Parameter(torch.empty(num_experts, dtype=torch.float32))
+        # Routed (non-padded) tokens per expert since the last `pop_expert_load()`.
+        self.register_buffer(
+            "expert_load", torch.zeros(num_experts, dtype=torch.float32), persistent=False
+        )
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ parameters
+    def reset_parameters(self) -> None:
+        """Initialise W_z, W_v with Megatron's init method and b_z = tau_0 * logit(k/E)."""
+        if not hasattr(self, "spike_bias"):  # called by Router.__init__ before our params exist
+            return super().reset_parameters()
+        if self.config.perform_initialization:
+            self.config.init_method(self.weight)
+        cfg = self.dirmoe_config
+        with torch.no_grad():
+            self.spike_bias.fill_(
+                spike_bias_init(cfg.target_k, self.num_experts, temperature_at(cfg, 0))
+            )
+        for param in (self.weight, self.spike_bias):
+            param.data = param.data.to(dtype=self.config.params_dtype)
+            setattr(param, "sequence_parallel", self.config.sequence_parallel)
+
+    # ------------------------------------------------------------------ schedules
+    def set_iteration(self, iteration: int) -> None:
+        """Tell the router the current training iteration (drives tau_z and lambda_p)."""
+        self.iteration = int(iteration)
+
+    @property
+    def temperature(self) -> float:
+        """Current spike temperature tau_z."""
+        return temperature_at(self.dirmoe_config, self.iteration)
+
+    @property
+    def prior_scale(self) -> float:
+        """Current Dirichlet prior scale lambda_p."""
+        return prior_scale_at(self.dirmoe_config, self.iteration)
+
+    # ------------------------------------------------------------------ forward
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Spike and slab logits [..., 2E] in fp32 from one GEMM (device-agnostic, unlike
+        `Router.gating`, which moves CPU weights to CUDA)."""
+        return router_gating_linear(input, self.weight, None, torch.float32)
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Route [T, 2E] logits; returns (probs [T, E], routing_map [T, E])."""
+        cfg = self.dirmoe_config
+        num_experts = self.num_experts
+        logits = logits.view(-1, 2 * num_experts)
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)
+        spike_logits, slab_logits = logits.split(num_experts, dim=-1)
+        # Megatron's optional z-loss (--moe-z-loss-coeff) regularises the spike logits. Its
+        # implementation only touches state every Router has, so reuse it rather than copy it.
+        spike_logits = TopKRouter.apply_z_loss(self, spike_logits, padding_mask=padding_mask)
+
+        tau = self.temperature
+        result = route(
+            spike_logits,
+            slab_logits,
+            self.spike_bias,
+            tau=tau,
+            posterior_scale=cfg.posterior_scale,
+            alpha_floor=cfg.alpha_floor,
+            alpha_ceiling=cfg.alpha_ceiling,
+            leak=cfg.leak,
+            route_threshold=cfg.route_threshold,
+            max_active=self.max_active,
+            renormalize=cfg.renormalize,
+            training=self.training,
+        )
+        probs, routing_map = result.probs_TE, result.routing_map_TE
+        valid_T = None
+        if padding_mask is not None:
+            valid_T = ~padding_mask
+            routing_map = routing_map & valid_T[:, None]
+            probs = probs * valid_T[:, None]
+
+        track = self.training and torch.is_grad_enabled()
+        kl_T = sparsity_T = None
+        if track:
+            kl_T, sparsity_T = routing_regularizers(
+                result,
+                prior_scale=self.prior_scale,
+                alpha_lo=cfg.alpha_lo,
+                prior_ratio=self.prior_ratio,
+                alpha_floor=cfg.alpha_floor,
+                alpha_ceiling=cfg.alpha_ceiling,
+                target_k=cfg.target_k,
+            )
+            probs = self._attach_losses(probs, kl_T, sparsity_T, valid_T)
+        self._record_metrics(result, routing_map, valid_T, kl_T, sparsity_T, tau)
+        return probs, routing_map
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Route `input` [s, b, h]; `padding_mask` [s, b] is True at padded tokens."""
+        return self.routing(self.gating(input), padding_mask=padding_mask)
+
+    # ------------------------------------------------------------------ losses
+    def _attach_losses(self, probs, kl_T, sparsity_T, valid_T):
+        """Attach sigma^2 * (beta * KL + lambda * penalty) averaged over real tokens.
+
+        Each TP/CP rank holds a shard of the tokens and the router gradients are summed over
+        TP/CP, so each rank contributes its local sum divided by the *global* token count; the
+        sum over ranks then equals the single-rank mean exactly.
+        """
+        cfg = self.dirmoe_config
+        per_token_T = cfg.recon_variance * (cfg.kl_weight * kl_T + cfg.sparsity_weight * sparsity_T)
+        if valid_T is not None:
+            per_token_T = per_token_T * valid_T
+        local_sum = per_token_T.sum()
+        if self.calculate_per_token_loss:
+            # Megatron divides every gradient by the global token count later.
+            aux = local_sum
+        else:
+            aux = local_sum / self._global_token_count(probs.shape[0], valid_T)
+        if self.is_mtp_layer and self.config.mtp_use_repeated_layer and self.config.mtp_num_layers:
+            aux = aux / self.config.mtp_num_layers
+        return MoEAuxLossAutoScaler.apply(probs, aux)
+
+    def _global_token_count(self, num_local: int, valid_T: Optional[torch.Tensor]):
+        group_size = self.tp_cp_group.size()
+        if valid_T is None:
+            return float(num_local * group_size)
+        count = valid_T.sum().float()
+        if group_size > 1:
+            count = count.clone()
+            torch.distributed.all_reduce(count, group=self.tp_cp_group)
+        return count.clamp(min=1.0)
+
+    # ------------------------------------------------------------------ metrics
+    @torch.no_grad()
+    def _record_metrics(
+        self,
+        result: RoutingResult,
+        routing_map: torch.Tensor,
+        valid_T: Optional[torch.Tensor],
+        kl_T: Optional[torch.Tensor],
+        sparsity_T: Optional[torch.Tensor],
+        tau: float,
+    ) -> None:
+        if self.layer_number is None:
+            return
+        if valid_T is None:
+            valid_T = torch.ones(routing_map.shape[0], dtype=torch.bool, device=routing_map.device)
+        weight_T = valid_T.float()
+        num_valid = weight_T.sum().clamp(min=1.0)
+
+        def mean(x_T: torch.Tensor) -> torch.Tensor:
+            return (x_T.float() * weight_T).sum() / num_valid
+
+        active_T = routing_map.sum(dim=-1)
+        load_E = routing_map.float().sum(dim=0)
+        self.expert_load += load_E
+        load_frac_E = load_E / load_E.sum().clamp(min=1.0)
+        simpson = (load_frac_E**2).sum()
+        values = {
+            "dirmoe/active_experts": mean(active_T),
+            "dirmoe/active_experts_max": (active_T * valid_T).max().float(),
+            "dirmoe/expected_k": mean(result.gate_prob_TE.sum(dim=-1)),
+            "dirmoe/fallback_frac": mean(result.fallback_T),
+            "dirmoe/capped_frac": mean(result.capped_T),
+            "dirmoe/load_simpson": simpson,
+            "dirmoe/effective_experts": 1.0 / simpson.clamp(min=1e-12),
+            "dirmoe/max_load": load_frac_E.max() * self.num_experts,
+            "dirmoe/tau": torch.tensor(tau, device=routing_map.device),
+            "dirmoe/prior_scale": torch.tensor(self.prior_scale, device=routing_map.device),
+        }
+        if kl_T is not None:
+            values["dirmoe/kl"] = mean(kl_T)
+            values["dirmoe/sparsity_penalty"] = mean(sparsity_T)
+        if self.training:
+            values["dirmoe/eval_active_experts"] = mean(self._eval_active_count(result))
+
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        layer_number = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
+        tracker = get_moe_metrics_tracker()
+        for name, value in values.items():
+            tracker.record(
+                name, value, layer_number, num_layers, avg_group=self.tp_cp_group, needs_dp_avg=True
+            )
+
+    def _eval_active_count(self, result: RoutingResult) -> torch.Tensor:
+        """Active experts per token that the deterministic (eval) path would pick for the same
+        logits: the train/eval gap users ask about."""
+        cfg = self.dirmoe_config
+        mean_theta_TE = result.alpha_q_TE / result.alpha_q_TE.sum(dim=-1, keepdim=True)
+        mixed_TE = result.gate_prob_TE * mean_theta_TE + cfg.leak
+        weights_TE = mixed_TE / mixed_TE.sum(dim=-1, keepdim=True)
+        over_T = (weights_TE >= cfg.route_threshold).sum(dim=-1)
+        return over_T.clamp(min=1, max=self.max_active)
+
+    def pop_expert_load(self) -> torch.Tensor:
+        """Tokens routed to each expert since the last call (local rank), then reset."""
+        load = self.expert_load.clone()
+        self.expert_load.zero_()
+        return load
+
+
+# ---------------------------------------------------------------------- helpers
+def iter_dirichlet_routers(model) -> Iterable[DirichletRouter]:
+    """Every `DirichletRouter` in a model or a list of model chunks."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, DirichletRouter):
+                yield module
+
+
+def set_router_iteration(model, iteration: int) -> int:
+    """Set the schedule iteration of every DirMoE router in `model` (a module or a list of
+    chunks). Call once per training step; returns how many routers were updated."""
+    count = 0
+    for router in iter_dirichlet_routers(model):
+        router.set_iteration(iteration)
+        count += 1
+    return count

@@ -1,0 +1,191 @@
+"""Pure DirMoE routing math (torch only: no Megatron, no torch.distributed).
+
+The Megatron router (`megatron_dirmoe.router.DirichletRouter`) and the Hugging Face model
+(`megatron_dirmoe.hf`) both call these functions, so training and inference cannot drift apart.
+This file is copied verbatim next to exported Hugging Face checkpoints; keep it torch-only.
+
+Shape suffixes: T tokens, E experts, D hidden size.
+All math is fp32 regardless of the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "RoutingResult",
+    "cosine_schedule",
+    "exponential_schedule",
+    "spike_bias_init",
+    "dirichlet_kl",
+    "route",
+    "routing_regularizers",
+]
+
+# Keeps U ~ Uniform(0, 1) away from 0 and 1 so the logistic noise log U - log(1 - U) stays finite.
+_UNIFORM_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------- schedules
+def cosine_schedule(start: float, end: float, iteration: int, horizon: int) -> float:
+    """`end + (start - end) * (1 + cos(pi * min(t, T) / T)) / 2`; `start` at t=0, `end` from t=T."""
+    t = min(max(int(iteration), 0), horizon)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t / horizon))
+
+
+def exponential_schedule(start: float, end: float, iteration: int, horizon: int) -> float:
+    """Geometric interpolation `start * (end / start) ** (min(t, T) / T)`."""
+    t = min(max(int(iteration), 0), horizon)
+    return start * (end / start) ** (t / horizon)
+
+
+def spike_bias_init(target_k: int, num_experts: int, tau0: float) -> float:
+    """`tau_0 * logit(k / E)`: with centred logits every gate then fires with probability k/E,
+    so the expected number of active experts sum_i pi_i is k at initialisation."""
+    p = target_k / num_experts
+    if p >= 1.0:  # k == E: every expert always active; a large finite bias keeps pi ~ 1.
+        return tau0 * 20.0
+    return tau0 * math.log(p / (1.0 - p))
+
+
+# ---------------------------------------------------------------------- Dirichlet KL
+def dirichlet_kl(alpha_q_TE: torch.Tensor, alpha_p_TE: torch.Tensor) -> torch.Tensor:
+    """Closed-form KL(Dir(alpha_q) || Dir(alpha_p)) per row, shape [T]."""
+    sum_q_T = alpha_q_TE.sum(-1)
+    sum_p_T = alpha_p_TE.sum(-1)
+    return (
+        torch.lgamma(sum_q_T)
+        - torch.lgamma(alpha_q_TE).sum(-1)
+        - torch.lgamma(sum_p_T)
+        + torch.lgamma(alpha_p_TE).sum(-1)
+        + ((alpha_q_TE - alpha_p_TE) * (torch.digamma(alpha_q_TE) - torch.digamma(sum_q_T)[:, None])).sum(-1)
+    )
+
+
+# ---------------------------------------------------------------------- routing
+@dataclass
+class RoutingResult:
+    """What one routing call produces (all [T, E] fp32 unless noted)."""
+
+    probs_TE: torch.Tensor  # weights handed to the dispatcher, zero off the active set
+    routing_map_TE: torch.Tensor  # bool, 1..max_active True per row
+    gate_prob_TE: torch.Tensor  # pi = sigmoid(l / tau): gate firing probability
+    gate_TE: torch.Tensor  # z: relaxed Bernoulli sample (training) or pi (eval)
+    alpha_q_TE: torch.Tensor  # posterior Dirichlet concentration
+    weights_TE: torch.Tensor  # w: combined, leaked and normalised weights (sum to 1)
+    fallback_T: torch.Tensor  # bool [T]: no expert passed the threshold -> argmax fallback
+    capped_T: torch.Tensor  # bool [T]: more than max_active passed -> cut to the largest
+
+
+def route(
+    spike_logits_TE: torch.Tensor,
+    slab_logits_TE: torch.Tensor,
+    spike_bias_E: torch.Tensor,
+    *,
+    tau: float,
+    posterior_scale: float,
+    alpha_floor: float,
+    alpha_ceiling: float,
+    leak: float,
+    route_threshold: float,
+    max_active: int,
+    renormalize: bool = True,
+    training: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> RoutingResult:
+    """DirMoE routing for a batch of tokens (DESIGN.md section 3, steps 2-6 and 8).
+
+    Training draws the spike with Gumbel-Sigmoid noise and the slab with a reparameterised
+    Dirichlet sample; evaluation (``training=False``) is deterministic: z = pi and theta is the
+    Dirichlet mean.
+    """
+    spike_logits_TE = spike_logits_TE.float()
+    slab_logits_TE = slab_logits_TE.float()
+
+    # 1. Per-token centring of the spike logits, then the learned bias.
+    centred_TE = spike_logits_TE - spike_logits_TE.mean(dim=-1, keepdim=True)
+    logits_TE = centred_TE + spike_bias_E.float()
+
+    # 2. Spike: gate probability and (training) relaxed Bernoulli sample.
+    gate_prob_TE = torch.sigmoid(logits_TE / tau)
+    if training:
+        u_TE = torch.rand(
+            logits_TE.shape, device=logits_TE.device, dtype=torch.float32, generator=generator
+        ).clamp_(_UNIFORM_EPS, 1.0 - _UNIFORM_EPS)
+        noise_TE = torch.log(u_TE) - torch.log1p(-u_TE)
+        gate_TE = torch.sigmoid((logits_TE + noise_TE) / tau)
+    else:
+        gate_TE = gate_prob_TE
+
+    # 3. Slab: posterior concentration and a Dirichlet sample (or its mean).
+    alpha_q_TE = (posterior_scale * torch.softmax(slab_logits_TE, dim=-1)).clamp(
+        alpha_floor, alpha_ceiling
+    )
+    if training:
+        # validate_args=False: the default validation syncs device->host on every call.
+        theta_TE = torch.distributions.Dirichlet(alpha_q_TE, validate_args=False).rsample()
+    else:
+        theta_TE = alpha_q_TE / alpha_q_TE.sum(dim=-1, keepdim=True)
+
+    # 4. Combine with the leak before normalising (no row can be all-zero).
+    mixed_TE = gate_TE * theta_TE + leak
+    weights_TE = mixed_TE / mixed_TE.sum(dim=-1, keepdim=True)
+
+    # 5. Routing map: threshold, at most `max_active` (largest w), at least one (argmax w).
+    with torch.no_grad():
+        over_TE = weights_TE >= route_threshold
+        num_over_T = over_TE.sum(dim=-1)
+        num_experts = weights_TE.shape[-1]
+        if max_active < num_experts:
+            top_idx_TM = torch.topk(weights_TE, max_active, dim=-1).indices
+            top_TE = torch.zeros_like(over_TE).scatter_(1, top_idx_TM, True)
+            routing_map_TE = over_TE & top_TE
+        else:
+            routing_map_TE = over_TE.clone()
+        argmax_T = weights_TE.argmax(dim=-1, keepdim=True)
+        routing_map_TE.scatter_(1, argmax_T, True)
+        fallback_T = num_over_T == 0
+        capped_T = num_over_T > max_active
+
+    probs_TE = weights_TE * routing_map_TE
+    if renormalize:
+        probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
+
+    return RoutingResult(
+        probs_TE=probs_TE,
+        routing_map_TE=routing_map_TE,
+        gate_prob_TE=gate_prob_TE,
+        gate_TE=gate_TE,
+        alpha_q_TE=alpha_q_TE,
+        weights_TE=weights_TE,
+        fallback_T=fallback_T,
+        capped_T=capped_T,
+    )
+
+
+def routing_regularizers(
+    result: RoutingResult,
+    *,
+    prior_scale: float,
+    alpha_lo: float,
+    prior_ratio: float,
+    alpha_floor: float,
+    alpha_ceiling: float,
+    target_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token Dirichlet KL against the spike-dependent prior, and the expected-k penalty.
+
+    Prior: alpha_p,i = max(lambda_p * (alpha_lo + (alpha_hi - alpha_lo) * z_i), floor) with
+    alpha_hi = r * alpha_lo. Returns (kl_T, sparsity_T), both [T] fp32, unweighted.
+    """
+    alpha_hi = prior_ratio * alpha_lo
+    alpha_p_TE = (prior_scale * (alpha_lo + (alpha_hi - alpha_lo) * result.gate_TE)).clamp(
+        alpha_floor, alpha_ceiling
+    )
+    kl_T = dirichlet_kl(result.alpha_q_TE, alpha_p_TE)
+    sparsity_T = (result.gate_prob_TE.sum(dim=-1) - target_k) ** 2
+    return kl_T, sparsity_T
