@@ -7,28 +7,36 @@ Public API:
     get_dirmoe_decoder_block_spec   the same for a whole decoder block (moe_layer_freq, PP)
     swap_router             one-line router swap on any Megatron MoE layer/block spec
     set_router_iteration    tell every DirMoE router the training iteration (schedules)
+
+Megatron-dependent names are imported lazily, so `megatron_dirmoe.config` and
+`megatron_dirmoe.routing` (pure Python / torch) stay importable without Megatron.
 """
 
+from importlib import import_module
+
 from megatron_dirmoe.config import DirMoEConfig, add_dirmoe_args, config_from_args
-from megatron_dirmoe.router import DirichletRouter, iter_dirichlet_routers, set_router_iteration
-from megatron_dirmoe.specs import (
-    dirichlet_router_builder,
-    get_dirmoe_decoder_block_spec,
-    get_dirmoe_layer_spec,
-    swap_router,
-)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DirMoEConfig",
-    "DirichletRouter",
-    "add_dirmoe_args",
-    "config_from_args",
-    "dirichlet_router_builder",
-    "get_dirmoe_decoder_block_spec",
-    "get_dirmoe_layer_spec",
-    "iter_dirichlet_routers",
-    "set_router_iteration",
-    "swap_router",
-]
+_LAZY = {
+    "DirichletRouter": "megatron_dirmoe.router",
+    "iter_dirichlet_routers": "megatron_dirmoe.router",
+    "set_router_iteration": "megatron_dirmoe.router",
+    "dirichlet_router_builder": "megatron_dirmoe.specs",
+    "get_dirmoe_decoder_block_spec": "megatron_dirmoe.specs",
+    "get_dirmoe_layer_spec": "megatron_dirmoe.specs",
+    "swap_router": "megatron_dirmoe.specs",
+    "build_gpt_model": "megatron_dirmoe.model",
+}
+
+__all__ = ["DirMoEConfig", "add_dirmoe_args", "config_from_args", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'megatron_dirmoe' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -103,6 +103,11 @@ class DirMoEConfig:
         "leak eps_w added to every z_i * theta_i before normalising the combined weights",
         default=1e-3,
     )
+    torch_compile: bool = _doc(
+        "fuse the router's elementwise math with torch.compile on CUDA (fewer kernel launches); "
+        "CPU always runs eagerly",
+        default=True,
+    )
     capacity_factor: Optional[float] = _doc(
         "expert capacity as a multiple of T * k / E tokens (measured against the target k); "
         "tokens over capacity are dropped by lowest probability. Default: dropless",
@@ -230,9 +235,15 @@ def add_dirmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default = f.default
         help_text = f"{f.metadata['help']} (default: {default})"
         if typ is bool:
+            # --dirmoe-X / --dirmoe-no-X, keeping every flag under the --dirmoe- prefix.
+            negative = FLAG_PREFIX + "no-" + f.name.replace("_", "-")
             group.add_argument(
-                flag_name(f.name), dest=f"dirmoe_{f.name}", action=argparse.BooleanOptionalAction,
+                flag_name(f.name), dest=f"dirmoe_{f.name}", action="store_const", const=True,
                 default=None, help=help_text,
+            )
+            group.add_argument(
+                negative, dest=f"dirmoe_{f.name}", action="store_const", const=False,
+                default=None, help=f"disable {flag_name(f.name)}",
             )
         else:
             group.add_argument(

@@ -22,28 +22,20 @@ from megatron.core.transformer.moe.router import Router, TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dirmoe.config import DirMoEConfig
-from megatron_dirmoe.routing import RoutingResult, route, routing_regularizers, spike_bias_init
+from megatron_dirmoe.routing import (
+    STAT_NAMES,
+    route,
+    routing_regularizers,
+    routing_statistics,
+    spike_bias_init,
+)
 from megatron_dirmoe.schedules import prior_scale_at, temperature_at
 
 __all__ = ["DirichletRouter", "set_router_iteration", "iter_dirichlet_routers", "METRIC_NAMES"]
 
 # Per-layer scalars recorded in Megatron's MoE metrics tracker (names end without "loss" so
 # Megatron's `total_loss_dict` handling leaves them alone).
-METRIC_NAMES = (
-    "dirmoe/active_experts",
-    "dirmoe/active_experts_max",
-    "dirmoe/eval_active_experts",
-    "dirmoe/expected_k",
-    "dirmoe/fallback_frac",
-    "dirmoe/capped_frac",
-    "dirmoe/load_simpson",
-    "dirmoe/effective_experts",
-    "dirmoe/max_load",
-    "dirmoe/kl",
-    "dirmoe/sparsity_penalty",
-    "dirmoe/tau",
-    "dirmoe/prior_scale",
-)
+METRIC_NAMES = tuple(f"dirmoe/{name}" for name in STAT_NAMES) + ("dirmoe/tau", "dirmoe/prior_scale")
 
 
 class DirichletRouter(Router):
@@ -82,9 +74,26 @@ class DirichletRouter(Router):
         self.bias = None
         self.weight = torch.nn.Parameter(torch.empty(2 * num_experts, hidden, dtype=torch.float32))
         self.spike_bias = torch.nn.Parameter(torch.empty(num_experts, dtype=torch.float32))
-        # Routed (non-padded) tokens per expert since the last `pop_expert_load()`.
-        self.register_buffer(
-            "expert_load", torch.zeros(num_experts, dtype=torch.float32), persistent=False
+        # Plain fp32 tensors rather than buffers, so Megatron's Float16Module (which casts buffers
+        # to bf16) cannot round them; created on the logits' device at the first forward.
+        # Routed (non-padded) tokens per expert since the last `pop_expert_load()`:
+        self.expert_load = torch.zeros(num_experts, dtype=torch.float32)
+        # [tau_z, lambda_p] of the current iteration:
+        self._schedule_values = torch.zeros(2, dtype=torch.float32)
+        cfg = self.dirmoe_config
+        self._static_kwargs = dict(
+            posterior_scale=cfg.posterior_scale,
+            alpha_floor=cfg.alpha_floor,
+            alpha_ceiling=cfg.alpha_ceiling,
+            leak=cfg.leak,
+            route_threshold=cfg.route_threshold,
+            max_active=self.max_active,
+            renormalize=cfg.renormalize,
+            alpha_lo=cfg.alpha_lo,
+            prior_ratio=self.prior_ratio,
+            target_k=cfg.target_k,
+            loss_scale_kl=cfg.recon_variance * cfg.kl_weight,
+            loss_scale_sparsity=cfg.recon_variance * cfg.sparsity_weight,
         )
         self.reset_parameters()
 
@@ -127,76 +136,68 @@ class DirichletRouter(Router):
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Route [T, 2E] logits; returns (probs [T, E], routing_map [T, E])."""
-        cfg = self.dirmoe_config
         num_experts = self.num_experts
         logits = logits.view(-1, 2 * num_experts)
+        valid_T = None
         if padding_mask is not None:
-            padding_mask = padding_mask.reshape(-1)
+            valid_T = ~padding_mask.reshape(-1)
         spike_logits, slab_logits = logits.split(num_experts, dim=-1)
         # Megatron's optional z-loss (--moe-z-loss-coeff) regularises the spike logits. Its
         # implementation only touches state every Router has, so reuse it rather than copy it.
-        spike_logits = TopKRouter.apply_z_loss(self, spike_logits, padding_mask=padding_mask)
+        spike_logits = TopKRouter.apply_z_loss(
+            self, spike_logits, padding_mask=None if valid_T is None else ~valid_T
+        )
 
-        tau = self.temperature
-        result = route(
+        with_losses = self.training and torch.is_grad_enabled()
+        tau, prior_scale = self.temperature, self.prior_scale
+        if self._schedule_values.device != logits.device:
+            self._schedule_values = self._schedule_values.to(logits.device)
+            self.expert_load = self.expert_load.to(logits.device)
+        # Schedules enter as 0-d tensors so the compiled step does not recompile as they move;
+        # fill_ launches a kernel without a host-to-device copy.
+        self._schedule_values.fill_(tau)[1].fill_(prior_scale)
+        probs, routing_map, loss_sum, stats, load_E = self._step_fn(spike_logits.device)(
             spike_logits,
             slab_logits,
             self.spike_bias,
-            tau=tau,
-            posterior_scale=cfg.posterior_scale,
-            alpha_floor=cfg.alpha_floor,
-            alpha_ceiling=cfg.alpha_ceiling,
-            leak=cfg.leak,
-            route_threshold=cfg.route_threshold,
-            max_active=self.max_active,
-            renormalize=cfg.renormalize,
+            self._schedule_values[0],
+            self._schedule_values[1],
+            valid_T,
             training=self.training,
+            with_losses=with_losses,
+            **self._static_kwargs,
         )
-        probs, routing_map = result.probs_TE, result.routing_map_TE
-        valid_T = None
-        if padding_mask is not None:
-            valid_T = ~padding_mask
-            routing_map = routing_map & valid_T[:, None]
-            probs = probs * valid_T[:, None]
-
-        track = self.training and torch.is_grad_enabled()
-        kl_T = sparsity_T = None
-        if track:
-            kl_T, sparsity_T = routing_regularizers(
-                result,
-                prior_scale=self.prior_scale,
-                alpha_lo=cfg.alpha_lo,
-                prior_ratio=self.prior_ratio,
-                alpha_floor=cfg.alpha_floor,
-                alpha_ceiling=cfg.alpha_ceiling,
-                target_k=cfg.target_k,
-            )
-            probs = self._attach_losses(probs, kl_T, sparsity_T, valid_T)
-        self._record_metrics(result, routing_map, valid_T, kl_T, sparsity_T, tau)
+        if with_losses:
+            probs = self._attach_losses(probs, loss_sum, valid_T)
+        self._record_metrics(stats, load_E, tau, prior_scale, with_losses)
         return probs, routing_map
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Route `input` [s, b, h]; `padding_mask` [s, b] is True at padded tokens."""
         return self.routing(self.gating(input), padding_mask=padding_mask)
 
+    def _step_fn(self, device: torch.device):
+        """The routing step, compiled on CUDA when `torch_compile` is on (eager otherwise)."""
+        if device.type != "cuda" or not self.dirmoe_config.torch_compile:
+            return _routing_step
+        global _COMPILED_ROUTING_STEP
+        if _COMPILED_ROUTING_STEP is None:
+            _COMPILED_ROUTING_STEP = torch.compile(_routing_step, dynamic=False)
+        return _COMPILED_ROUTING_STEP
+
     # ------------------------------------------------------------------ losses
-    def _attach_losses(self, probs, kl_T, sparsity_T, valid_T):
-        """Attach sigma^2 * (beta * KL + lambda * penalty) averaged over real tokens.
+    def _attach_losses(self, probs, loss_sum, valid_T):
+        """Attach sigma^2 * (beta * KL + lambda * penalty), averaged over real tokens.
 
         Each TP/CP rank holds a shard of the tokens and the router gradients are summed over
         TP/CP, so each rank contributes its local sum divided by the *global* token count; the
         sum over ranks then equals the single-rank mean exactly.
         """
-        cfg = self.dirmoe_config
-        per_token_T = cfg.recon_variance * (cfg.kl_weight * kl_T + cfg.sparsity_weight * sparsity_T)
-        if valid_T is not None:
-            per_token_T = per_token_T * valid_T
-        local_sum = per_token_T.sum()
         if self.calculate_per_token_loss:
             # Megatron divides every gradient by the global token count later.
-            aux = local_sum
+            aux = loss_sum
         else:
-            aux = local_sum / self._global_token_count(probs.shape[0], valid_T)
+            aux = loss_sum / self._global_token_count(probs.shape[0], valid_T)
         if self.is_mtp_layer and self.config.mtp_use_repeated_layer and self.config.mtp_num_layers:
             aux = aux / self.config.mtp_num_layers
         return MoEAuxLossAutoScaler.apply(probs, aux)
@@ -207,77 +208,113 @@ class DirichletRouter(Router):
             return float(num_local * group_size)
         count = valid_T.sum().float()
         if group_size > 1:
-            count = count.clone()
             torch.distributed.all_reduce(count, group=self.tp_cp_group)
         return count.clamp(min=1.0)
 
     # ------------------------------------------------------------------ metrics
     @torch.no_grad()
-    def _record_metrics(
-        self,
-        result: RoutingResult,
-        routing_map: torch.Tensor,
-        valid_T: Optional[torch.Tensor],
-        kl_T: Optional[torch.Tensor],
-        sparsity_T: Optional[torch.Tensor],
-        tau: float,
-    ) -> None:
+    def _record_metrics(self, stats, load_E, tau, prior_scale, with_losses) -> None:
+        self.expert_load += load_E
         if self.layer_number is None:
             return
-        if valid_T is None:
-            valid_T = torch.ones(routing_map.shape[0], dtype=torch.bool, device=routing_map.device)
-        weight_T = valid_T.float()
-        num_valid = weight_T.sum().clamp(min=1.0)
-
-        def mean(x_T: torch.Tensor) -> torch.Tensor:
-            return (x_T.float() * weight_T).sum() / num_valid
-
-        active_T = routing_map.sum(dim=-1)
-        load_E = routing_map.float().sum(dim=0)
-        self.expert_load += load_E
-        load_frac_E = load_E / load_E.sum().clamp(min=1.0)
-        simpson = (load_frac_E**2).sum()
-        values = {
-            "dirmoe/active_experts": mean(active_T),
-            "dirmoe/active_experts_max": (active_T * valid_T).max().float(),
-            "dirmoe/expected_k": mean(result.gate_prob_TE.sum(dim=-1)),
-            "dirmoe/fallback_frac": mean(result.fallback_T),
-            "dirmoe/capped_frac": mean(result.capped_T),
-            "dirmoe/load_simpson": simpson,
-            "dirmoe/effective_experts": 1.0 / simpson.clamp(min=1e-12),
-            "dirmoe/max_load": load_frac_E.max() * self.num_experts,
-            "dirmoe/tau": torch.tensor(tau, device=routing_map.device),
-            "dirmoe/prior_scale": torch.tensor(self.prior_scale, device=routing_map.device),
-        }
-        if kl_T is not None:
-            values["dirmoe/kl"] = mean(kl_T)
-            values["dirmoe/sparsity_penalty"] = mean(sparsity_T)
-        if self.training:
-            values["dirmoe/eval_active_experts"] = mean(self._eval_active_count(result))
-
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         layer_number = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
         tracker = get_moe_metrics_tracker()
-        for name, value in values.items():
+
+        def record(name, value):
             tracker.record(
                 name, value, layer_number, num_layers, avg_group=self.tp_cp_group, needs_dp_avg=True
             )
 
-    def _eval_active_count(self, result: RoutingResult) -> torch.Tensor:
-        """Active experts per token that the deterministic (eval) path would pick for the same
-        logits: the train/eval gap users ask about."""
-        cfg = self.dirmoe_config
-        mean_theta_TE = result.alpha_q_TE / result.alpha_q_TE.sum(dim=-1, keepdim=True)
-        mixed_TE = result.gate_prob_TE * mean_theta_TE + cfg.leak
-        weights_TE = mixed_TE / mixed_TE.sum(dim=-1, keepdim=True)
-        over_T = (weights_TE >= cfg.route_threshold).sum(dim=-1)
-        return over_T.clamp(min=1, max=self.max_active)
+        for index, name in enumerate(STAT_NAMES):
+            if not with_losses and name in _TRAINING_ONLY_STATS:
+                continue
+            record(f"dirmoe/{name}", stats[index])
+        record("dirmoe/tau", self._schedule_values[0])
+        record("dirmoe/prior_scale", self._schedule_values[1])
 
     def pop_expert_load(self) -> torch.Tensor:
         """Tokens routed to each expert since the last call (local rank), then reset."""
         load = self.expert_load.clone()
         self.expert_load.zero_()
         return load
+
+
+# ---------------------------------------------------------------------- the routing step
+_TRAINING_ONLY_STATS = ("kl", "sparsity_penalty", "eval_active_experts")
+_COMPILED_ROUTING_STEP = None
+
+
+def _routing_step(
+    spike_logits_TE,
+    slab_logits_TE,
+    spike_bias_E,
+    tau,
+    prior_scale,
+    valid_T,
+    *,
+    training: bool,
+    with_losses: bool,
+    posterior_scale: float,
+    alpha_floor: float,
+    alpha_ceiling: float,
+    leak: float,
+    route_threshold: float,
+    max_active: int,
+    renormalize: bool,
+    alpha_lo: float,
+    prior_ratio: float,
+    target_k: int,
+    loss_scale_kl: float,
+    loss_scale_sparsity: float,
+):
+    """Everything the router computes per step, as one function of tensors (so torch.compile
+    can fuse it on CUDA): routing, padding, the summed regulariser, statistics."""
+    result = route(
+        spike_logits_TE,
+        slab_logits_TE,
+        spike_bias_E,
+        tau=tau,
+        posterior_scale=posterior_scale,
+        alpha_floor=alpha_floor,
+        alpha_ceiling=alpha_ceiling,
+        leak=leak,
+        route_threshold=route_threshold,
+        max_active=max_active,
+        renormalize=renormalize,
+        training=training,
+    )
+    probs_TE, routing_map_TE = result.probs_TE, result.routing_map_TE
+    if valid_T is not None:
+        # Padded tokens go to no expert: they add no load and no loss.
+        routing_map_TE = routing_map_TE & valid_T[:, None]
+        probs_TE = probs_TE * valid_T[:, None]
+    loss_sum = kl_T = sparsity_T = None
+    if with_losses:
+        kl_T, sparsity_T = routing_regularizers(
+            result,
+            prior_scale=prior_scale,
+            alpha_lo=alpha_lo,
+            prior_ratio=prior_ratio,
+            alpha_floor=alpha_floor,
+            alpha_ceiling=alpha_ceiling,
+            target_k=target_k,
+        )
+        per_token_T = loss_scale_kl * kl_T + loss_scale_sparsity * sparsity_T
+        if valid_T is not None:
+            per_token_T = per_token_T * valid_T
+        loss_sum = per_token_T.sum()
+    stats, load_E = routing_statistics(
+        result,
+        routing_map_TE,
+        valid_T,
+        kl_T,
+        sparsity_T,
+        route_threshold=route_threshold,
+        leak=leak,
+        max_active=max_active,
+    )
+    return probs_TE, routing_map_TE, loss_sum, stats, load_E
 
 
 # ---------------------------------------------------------------------- helpers

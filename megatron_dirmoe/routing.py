@@ -24,6 +24,8 @@ __all__ = [
     "dirichlet_kl",
     "route",
     "routing_regularizers",
+    "routing_statistics",
+    "STAT_NAMES",
 ]
 
 # Keeps U ~ Uniform(0, 1) away from 0 and 1 so the logistic noise log U - log(1 - U) stays finite.
@@ -86,7 +88,7 @@ def route(
     slab_logits_TE: torch.Tensor,
     spike_bias_E: torch.Tensor,
     *,
-    tau: float,
+    tau: float | torch.Tensor,
     posterior_scale: float,
     alpha_floor: float,
     alpha_ceiling: float,
@@ -101,7 +103,8 @@ def route(
 
     Training draws the spike with Gumbel-Sigmoid noise and the slab with a reparameterised
     Dirichlet sample; evaluation (``training=False``) is deterministic: z = pi and theta is the
-    Dirichlet mean.
+    Dirichlet mean. `tau` may be a 0-d tensor (so a compiled caller does not recompile when the
+    schedule moves).
     """
     spike_logits_TE = spike_logits_TE.float()
     slab_logits_TE = slab_logits_TE.float()
@@ -170,7 +173,7 @@ def route(
 def routing_regularizers(
     result: RoutingResult,
     *,
-    prior_scale: float,
+    prior_scale: float | torch.Tensor,
     alpha_lo: float,
     prior_ratio: float,
     alpha_floor: float,
@@ -189,3 +192,88 @@ def routing_regularizers(
     kl_T = dirichlet_kl(result.alpha_q_TE, alpha_p_TE)
     sparsity_T = (result.gate_prob_TE.sum(dim=-1) - target_k) ** 2
     return kl_T, sparsity_T
+
+
+# Names of the entries of `routing_statistics(...)[0]`, in order.
+STAT_NAMES = (
+    "active_experts",
+    "active_experts_max",
+    "expected_k",
+    "fallback_frac",
+    "capped_frac",
+    "load_simpson",
+    "effective_experts",
+    "max_load",
+    "kl",
+    "sparsity_penalty",
+    "eval_active_experts",
+)
+
+
+def routing_statistics(
+    result: RoutingResult,
+    routing_map_TE: torch.Tensor,
+    valid_T: Optional[torch.Tensor],
+    kl_T: Optional[torch.Tensor],
+    sparsity_T: Optional[torch.Tensor],
+    *,
+    route_threshold: float,
+    leak: float,
+    max_active: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing-health statistics over real (non-padded) tokens, as one vector (see
+    `STAT_NAMES`) plus the routed-token count per expert [E].
+
+    `max_load` is the busiest expert's load relative to uniform (1 = perfectly balanced);
+    `load_simpson` is sum_e f_e^2 of the load fractions f and `effective_experts` its inverse;
+    `eval_active_experts` is what the deterministic (eval) path would route for the same
+    logits: the train/eval gap. `kl` and `sparsity_penalty` are 0 when not given.
+    """
+    with torch.no_grad():
+        num_tokens, num_experts = routing_map_TE.shape
+        weight_T = (
+            torch.ones(num_tokens, device=routing_map_TE.device)
+            if valid_T is None
+            else valid_T.float()
+        )
+        num_valid = weight_T.sum().clamp(min=1.0)
+        active_T = routing_map_TE.sum(dim=-1).float()
+
+        mean_theta_TE = result.alpha_q_TE / result.alpha_q_TE.sum(dim=-1, keepdim=True)
+        mixed_TE = result.gate_prob_TE * mean_theta_TE + leak
+        eval_weights_TE = mixed_TE / mixed_TE.sum(dim=-1, keepdim=True)
+        eval_active_T = (eval_weights_TE >= route_threshold).sum(dim=-1).clamp(1, max_active)
+
+        zeros_T = torch.zeros_like(weight_T)
+        per_token_TS = torch.stack(
+            [
+                active_T,
+                result.gate_prob_TE.sum(dim=-1),
+                result.fallback_T.float(),
+                result.capped_T.float(),
+                zeros_T if kl_T is None else kl_T.detach().float(),
+                zeros_T if sparsity_T is None else sparsity_T.detach().float(),
+                eval_active_T.float(),
+            ],
+            dim=-1,
+        )
+        means_S = (weight_T @ per_token_TS) / num_valid
+        load_E = routing_map_TE.float().sum(dim=0)
+        load_frac_E = load_E / load_E.sum().clamp(min=1.0)
+        simpson = (load_frac_E * load_frac_E).sum()
+        stats = torch.stack(
+            [
+                means_S[0],
+                (active_T * weight_T).max(),
+                means_S[1],
+                means_S[2],
+                means_S[3],
+                simpson,
+                1.0 / simpson.clamp(min=1e-12),
+                load_frac_E.max() * num_experts,
+                means_S[4],
+                means_S[5],
+                means_S[6],
+            ]
+        )
+    return stats, load_E

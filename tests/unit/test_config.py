@@ -1,0 +1,112 @@
+"""DirMoEConfig validation and its mapping to --dirmoe-* flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from megatron_dirmoe.config import (
+    DEFAULT_PRIOR_RATIO,
+    DirMoEConfig,
+    add_dirmoe_args,
+    config_from_args,
+    flag_name,
+)
+
+
+def test_paper_defaults():
+    cfg = DirMoEConfig()
+    assert (cfg.target_k, cfg.route_threshold, cfg.tau_start, cfg.tau_end) == (1, 0.125, 2.0, 0.3)
+    assert (cfg.prior_scale_start, cfg.prior_scale_end, cfg.posterior_scale) == (0.5, 0.3, 20.0)
+    assert (cfg.alpha_lo, cfg.alpha_floor, cfg.kl_weight, cfg.sparsity_weight) == (0.05, 0.005, 1e-2, 1e-2)
+    assert (cfg.recon_variance, cfg.leak) == (1.0, 1e-3)
+    assert cfg.max_active_for(8) == 4 and cfg.max_active_for(2) == 2
+    assert cfg.prior_ratio_for(8) == DEFAULT_PRIOR_RATIO == 39.7
+    # alpha_hi = r * alpha_lo ~ 1.99 as the paper notes say
+    assert cfg.prior_ratio_for(8) * cfg.alpha_lo == pytest.approx(1.985)
+    # r derived from the prior mass: m (E - k) / ((1 - m) k)
+    assert DirMoEConfig(prior_mass=0.9).prior_ratio_for(8) == pytest.approx(63.0)
+    assert DirMoEConfig(prior_mass=0.85).prior_ratio_for(8) == pytest.approx(39.6667, rel=1e-4)
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DirMoEConfig().target_k = 2  # type: ignore[misc]
+
+
+BAD_VALUES = [
+    ("target_k", 0),
+    ("route_threshold", 0.0),
+    ("route_threshold", 1.0),
+    ("tau_start", 0.0),
+    ("tau_end", -1.0),
+    ("prior_scale_start", 0.0),
+    ("prior_scale_end", -0.1),
+    ("posterior_scale", 0.0),
+    ("posterior_scale", 5000.0),
+    ("alpha_lo", 0.0),
+    ("alpha_floor", 0.0),
+    ("alpha_floor", -1.0),
+    ("alpha_ceiling", 0.001),
+    ("recon_variance", 0.0),
+    ("leak", 0.0),
+    ("kl_weight", -1e-3),
+    ("sparsity_weight", -1.0),
+    ("schedule_iters", 0),
+    ("prior_scale_schedule", "linear"),
+    ("prior_ratio", 0.5),
+    ("prior_mass", 1.0),
+    ("capacity_factor", 0.0),
+    ("tau_start", float("nan")),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD_VALUES)
+def test_bad_values_name_the_flag(name, value):
+    with pytest.raises(ValueError, match=flag_name(name)) as err:
+        DirMoEConfig(**{name: value})
+    assert "allowed" in str(err.value)
+
+
+def test_max_active_and_k_against_experts():
+    with pytest.raises(ValueError, match="--dirmoe-max-active"):
+        DirMoEConfig(target_k=2, max_active=1)
+    with pytest.raises(ValueError, match="--dirmoe-target-k.*--num-experts \\(8\\)"):
+        DirMoEConfig(target_k=9).validate_for(8)
+    with pytest.raises(ValueError, match="--dirmoe-max-active.*--num-experts \\(8\\)"):
+        DirMoEConfig(max_active=9).validate_for(8)
+    with pytest.raises(ValueError, match="prior-ratio.*prior-mass"):
+        DirMoEConfig(prior_ratio=10.0, prior_mass=0.9)
+    assert DirMoEConfig(target_k=8).validate_for(8).max_active_for(8) == 8
+
+
+def test_every_field_has_a_flag_and_round_trips():
+    parser = add_dirmoe_args(argparse.ArgumentParser())
+    flags = {a.option_strings[0] for a in parser._actions if a.option_strings}
+    for f in dataclasses.fields(DirMoEConfig):
+        assert flag_name(f.name) in flags, f.name
+    args = parser.parse_args(
+        [
+            "--dirmoe-target-k", "2", "--dirmoe-max-active", "3", "--dirmoe-route-threshold", "0.2",
+            "--dirmoe-no-renormalize", "--dirmoe-tau-start", "1.5", "--dirmoe-prior-scale-schedule",
+            "exponential", "--dirmoe-schedule-iters", "77", "--dirmoe-prior-mass", "0.8",
+            "--dirmoe-capacity-factor", "1.25",
+        ]
+    )
+    cfg = config_from_args(args, num_experts=8)
+    assert (cfg.target_k, cfg.max_active, cfg.route_threshold, cfg.renormalize) == (2, 3, 0.2, False)
+    assert (cfg.tau_start, cfg.prior_scale_schedule, cfg.schedule_iters) == (1.5, "exponential", 77)
+    assert (cfg.prior_mass, cfg.capacity_factor) == (0.8, 1.25)
+    # Flags not given keep the dataclass defaults (the one place defaults live).
+    assert cfg.tau_end == DirMoEConfig().tau_end
+    assert config_from_args(parser.parse_args([])) == DirMoEConfig()
+
+
+def test_cli_rejects_bad_value_with_flag_name():
+    parser = add_dirmoe_args(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match="--dirmoe-route-threshold"):
+        config_from_args(parser.parse_args(["--dirmoe-route-threshold", "1.5"]))
+    with pytest.raises(ValueError, match="--dirmoe-target-k"):
+        config_from_args(parser.parse_args(["--dirmoe-target-k", "16"]), num_experts=8)

@@ -1,0 +1,144 @@
+"""A tiny Megatron GPT with DirMoE layers trains on CPU; the router swap works on Megatron specs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_transformer_config
+
+from megatron_dirmoe.config import DirMoEConfig
+
+VOCAB, SEQ, BATCH, STEPS = 64, 32, 8, 40
+
+
+def _pattern_batch(gen: torch.Generator) -> torch.Tensor:
+    """Sequences following x_{t+1} = (5 x_t + 3) mod V: learnable, so the loss must fall."""
+    start = torch.randint(0, VOCAB, (BATCH, 1), generator=gen)
+    seq = [start]
+    for _ in range(SEQ):
+        seq.append((seq[-1] * 5 + 3) % VOCAB)
+    return torch.cat(seq, dim=1)
+
+
+def _train(model, steps=STEPS, lr=3e-3):
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megatron_dirmoe.router import set_router_iteration
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    get_moe_metrics_tracker().clear()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    position_ids = torch.arange(SEQ)[None].expand(BATCH, -1)
+    losses, metrics = [], []
+    for step in range(steps):
+        set_router_iteration(model, step)
+        tokens = _pattern_batch(gen)
+        loss = model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        tracker = get_moe_metrics_tracker()
+        metrics.append({k: v.values.clone() for k, v in tracker.metrics.items()})
+        tracker.clear()
+    return losses, metrics
+
+
+def _router_grads_after_one_step(model):
+    from megatron_dirmoe.router import iter_dirichlet_routers
+
+    gen = torch.Generator().manual_seed(1)
+    tokens = _pattern_batch(gen)
+    model.zero_grad()
+    position_ids = torch.arange(SEQ)[None].expand(BATCH, -1)
+    model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:]).mean().backward()
+    return [(r.weight.grad, r.spike_bias.grad) for r in iter_dirichlet_routers(model)]
+
+
+def test_dirmoe_gpt_trains_on_cpu(megatron_single_rank):
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_dirmoe import get_dirmoe_layer_spec
+    from megatron_dirmoe.layers import DeviceAgnosticRotaryEmbedding
+    from megatron_dirmoe.router import DirichletRouter
+
+    torch.manual_seed(0)
+    config = tiny_transformer_config()
+    spec = get_dirmoe_layer_spec(
+        DirMoEConfig(schedule_iters=STEPS), num_experts=8, use_te=False, normalization="RMSNorm"
+    )
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB,
+                     max_sequence_length=SEQ, position_embedding_type="learned_absolute")
+    routers = [m for m in model.modules() if isinstance(m, DirichletRouter)]
+    assert len(routers) == 2
+
+    # Gradients reach the spike weights (rows < E), the slab weights (rows >= E) and the spike
+    # bias through the LM loss and the attached losses together.
+    for weight_grad, bias_grad in _router_grads_after_one_step(model):
+        assert weight_grad[:8].abs().sum() > 0 and weight_grad[8:].abs().sum() > 0
+        assert bias_grad.abs().sum() > 0
+
+    losses, metrics = _train(model)
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    # Per-layer routing metrics were recorded for both MoE layers every step.
+    for step_metrics in metrics:
+        active = step_metrics["dirmoe/active_experts"]
+        assert active.shape == (2,) and (active >= 1).all() and (active <= 4).all()
+    assert metrics[0]["dirmoe/tau"][0].item() == pytest.approx(2.0)
+    assert metrics[-1]["dirmoe/tau"][0].item() < 0.35
+
+
+def test_build_gpt_model_with_rope_and_moe_layer_freq(megatron_single_rank):
+    from megatron_dirmoe.model import build_gpt_model
+    from megatron_dirmoe.moe_layer import DirMoELayer
+
+    torch.manual_seed(0)
+    config = tiny_transformer_config(moe_layer_freq=[1, 0])
+    model = build_gpt_model(config, DirMoEConfig(schedule_iters=20), vocab_size=VOCAB,
+                            max_sequence_length=SEQ, use_te=False)
+    assert isinstance(model.decoder.layers[0].mlp, DirMoELayer)
+    assert not isinstance(model.decoder.layers[1].mlp, DirMoELayer)
+    losses, _ = _train(model, steps=20)
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+
+
+def test_swap_router_on_megatron_specs(megatron_single_rank):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+    )
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_dirmoe import dirichlet_router_builder, swap_router
+    from megatron_dirmoe.router import DirichletRouter
+
+    builder = dirichlet_router_builder(DirMoEConfig(schedule_iters=10))
+    layer_spec = get_gpt_layer_local_spec(num_experts=8)
+    swapped = swap_router(layer_spec, builder)
+    moe = swapped.submodules.mlp.keywords["submodules"]
+    assert isinstance(moe, MoESubmodules) and moe.router is builder
+    # The original spec is untouched (swap returns a copy).
+    assert layer_spec.submodules.mlp.keywords["submodules"].router is TopKRouter
+
+    block = get_gpt_decoder_block_spec(tiny_transformer_config(moe_layer_freq=[1, 0]),
+                                       use_transformer_engine=False)
+    swapped_block = swap_router(block, builder)
+    mlp_subs = [s.submodules.mlp.keywords["submodules"] for s in swapped_block.layer_specs]
+    assert [type(m).__name__ for m in mlp_subs] == ["MoESubmodules", "MLPSubmodules"]
+    assert mlp_subs[0].router is builder
+
+    with pytest.raises(ValueError, match="no MoE layer"):
+        swap_router(get_gpt_layer_local_spec(), builder)
+
+    # A model built from Megatron's own (swapped) local spec holds DirichletRouters.
+    from megatron.core.models.gpt import GPTModel
+
+    model = GPTModel(config=tiny_transformer_config(), transformer_layer_spec=swapped,
+                     vocab_size=VOCAB, max_sequence_length=SEQ,
+                     position_embedding_type="learned_absolute")
+    assert sum(isinstance(m, DirichletRouter) for m in model.modules()) == 2

@@ -1,0 +1,168 @@
+"""`DirichletRouter` as a Megatron module: shapes, losses, padding, metrics, schedules (CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_transformer_config
+
+from megatron_dirmoe.config import DirMoEConfig
+from megatron_dirmoe.routing import route, routing_regularizers
+
+E, H = 8, 64
+
+
+@pytest.fixture
+def router_factory(megatron_single_rank):
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megatron_dirmoe.router import DirichletRouter
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    get_moe_metrics_tracker().clear()
+
+    def make(**dirmoe_overrides):
+        cfg = DirMoEConfig(schedule_iters=100, **dirmoe_overrides)
+        torch.manual_seed(0)
+        router = DirichletRouter(tiny_transformer_config(), dirmoe_config=cfg)
+        router.set_layer_number(1)
+        return router
+
+    return make
+
+
+def _aux_grads(router, hidden, padding_mask=None, seed=0):
+    """Router parameter gradients coming from the attached losses alone."""
+    router.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    probs, _ = router(hidden, padding_mask=padding_mask)
+    (probs * 0).sum().backward()  # LM path contributes nothing; MoEAuxLossAutoScaler adds the losses
+    return router.weight.grad.clone(), router.spike_bias.grad.clone()
+
+
+def test_parameters_and_initialisation(router_factory):
+    router = router_factory(target_k=2)
+    assert router.weight.shape == (2 * E, H) and router.weight.dtype == torch.float32
+    assert router.spike_bias.shape == (E,)
+    expected_bias = 2.0 * math.log((2 / E) / (1 - 2 / E))  # tau_0 * logit(k/E)
+    torch.testing.assert_close(router.spike_bias.detach(), torch.full((E,), expected_bias))
+    for p in (router.weight, router.spike_bias):
+        assert hasattr(p, "sequence_parallel")
+    assert router.max_active == 8  # min(E, 4k)
+
+
+def test_forward_shapes_invariants_and_eval_determinism(router_factory):
+    router = router_factory()
+    hidden = torch.randn(16, 2, H)
+    probs, routing_map = router(hidden)
+    assert probs.shape == (32, E) and probs.dtype == torch.float32
+    assert routing_map.shape == (32, E) and routing_map.dtype == torch.bool
+    counts = routing_map.sum(-1)
+    assert counts.min() >= 1 and counts.max() <= router.max_active
+    router.eval()
+    with torch.no_grad():
+        a = router(hidden)
+        b = router(hidden)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_inputs_stay_finite(router_factory, scale, dtype):
+    router = router_factory(target_k=2)
+    hidden = (torch.randn(32, 2, H) * scale).to(dtype).requires_grad_()
+    for iteration in (0, 100):  # tau = 2.0 and tau = 0.3
+        router.set_iteration(iteration)
+        probs, routing_map = router(hidden)
+        (probs * torch.randn_like(probs)).sum().backward()
+        assert torch.isfinite(probs).all()
+        assert torch.isfinite(router.weight.grad).all() and torch.isfinite(router.spike_bias.grad).all()
+        assert torch.isfinite(hidden.grad).all()
+        assert routing_map.sum(-1).min() >= 1
+
+
+def test_attached_losses_equal_the_reference_objective(router_factory):
+    """The gradient the router receives from MoEAuxLossAutoScaler is exactly the gradient of
+    sigma^2 * mean_t(beta * KL_t + lambda * (sum pi - k)^2)."""
+    router = router_factory(kl_weight=0.3, sparsity_weight=0.7, recon_variance=2.0)
+    router.set_iteration(10)
+    hidden = torch.randn(8, 4, H)
+    grad_w, grad_b = _aux_grads(router, hidden)
+
+    cfg = router.dirmoe_config
+    weight = router.weight.detach().clone().requires_grad_()
+    bias = router.spike_bias.detach().clone().requires_grad_()
+    torch.manual_seed(0)
+    logits = hidden.reshape(-1, H) @ weight.T
+    res = route(
+        logits[:, :E], logits[:, E:], bias, tau=router.temperature,
+        posterior_scale=cfg.posterior_scale, alpha_floor=cfg.alpha_floor,
+        alpha_ceiling=cfg.alpha_ceiling, leak=cfg.leak, route_threshold=cfg.route_threshold,
+        max_active=router.max_active, training=True,
+    )
+    kl, pen = routing_regularizers(
+        res, prior_scale=router.prior_scale, alpha_lo=cfg.alpha_lo, prior_ratio=router.prior_ratio,
+        alpha_floor=cfg.alpha_floor, alpha_ceiling=cfg.alpha_ceiling, target_k=cfg.target_k,
+    )
+    (2.0 * (0.3 * kl + 0.7 * pen)).mean().backward()
+    torch.testing.assert_close(grad_w, weight.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_b, bias.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_padding_adds_no_load_and_no_loss(router_factory):
+    router = router_factory()
+    hidden = torch.randn(8, 2, H)
+    padding = torch.zeros(8, 2, dtype=torch.bool)
+    padding[5:, 1] = True  # the tail of the second sequence is padding
+    torch.manual_seed(0)
+    probs, routing_map = router(hidden, padding_mask=padding)
+    flat_pad = padding.reshape(-1)
+    assert not routing_map[flat_pad].any() and (probs[flat_pad] == 0).all()
+    assert (routing_map[~flat_pad].sum(-1) >= 1).all()
+    assert router.pop_expert_load().sum().item() == routing_map.sum().item()
+
+    grads = _aux_grads(router, hidden, padding)
+    garbage = hidden.clone()
+    garbage[5:, 1] = torch.randn(3, H) * 100  # changing padded tokens must not change the loss
+    grads_garbage = _aux_grads(router, garbage, padding)
+    for a, b in zip(grads, grads_garbage):
+        torch.testing.assert_close(a, b)
+
+
+def test_metrics_reach_megatrons_tracker(router_factory):
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    from megatron_dirmoe.router import METRIC_NAMES
+
+    router = router_factory(target_k=2)
+    router.set_iteration(50)
+    router(torch.randn(16, 2, H))
+    metrics = get_moe_metrics_tracker().metrics
+    assert set(METRIC_NAMES) <= set(metrics)
+    value = {name: metrics[name].values[0].item() for name in METRIC_NAMES}
+    assert value["dirmoe/tau"] == pytest.approx(router.temperature) == pytest.approx(1.15)
+    assert value["dirmoe/prior_scale"] == pytest.approx(0.4)
+    assert 1 <= value["dirmoe/active_experts"] <= value["dirmoe/active_experts_max"] <= 8
+    assert 1 <= value["dirmoe/effective_experts"] <= 8
+    assert value["dirmoe/load_simpson"] == pytest.approx(1 / value["dirmoe/effective_experts"])
+    assert value["dirmoe/kl"] > 0 and value["dirmoe/sparsity_penalty"] >= 0
+    get_moe_metrics_tracker().clear()
+
+
+def test_schedule_follows_iteration(router_factory):
+    router = router_factory()
+    assert router.temperature == pytest.approx(2.0) and router.prior_scale == pytest.approx(0.5)
+    router.set_iteration(100)
+    assert router.temperature == pytest.approx(0.3) and router.prior_scale == pytest.approx(0.3)
+
+
+def test_router_requires_a_schedule_horizon(megatron_single_rank):
+    from megatron_dirmoe.router import DirichletRouter
+
+    with pytest.raises(ValueError, match="--dirmoe-schedule-iters"):
+        DirichletRouter(tiny_transformer_config(), dirmoe_config=DirMoEConfig())
+    with pytest.raises(ValueError, match="--dirmoe-target-k"):
+        DirichletRouter(tiny_transformer_config(), dirmoe_config=DirMoEConfig(target_k=9, schedule_iters=5))
