@@ -68,3 +68,33 @@ def test_compiled_routing_step_matches_eager(cuda_rng):
             outputs[compiled] = router(hidden)
     torch.testing.assert_close(outputs[True][0], outputs[False][0], rtol=1e-5, atol=1e-6)
     assert torch.equal(outputs[True][1], outputs[False][1])
+
+
+def test_get_dirmoe_layer_spec_and_swap_on_te_layer_spec(cuda_rng):
+    pytest.importorskip("transformer_engine")
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    from megatron_dirmoe import dirichlet_router_builder, get_dirmoe_layer_spec, swap_router
+    from megatron_dirmoe.moe_layer import DirMoELayer
+    from megatron_dirmoe.router import DirichletRouter
+
+    cfg = DirMoEConfig(schedule_iters=10)
+    config = tiny_transformer_config(use_cpu_initialization=False, bf16=True,
+                                     params_dtype=torch.bfloat16)
+    specs = {
+        "ours": get_dirmoe_layer_spec(cfg, num_experts=8, use_te=True),
+        "swapped": swap_router(get_gpt_layer_with_transformer_engine_spec(num_experts=8),
+                               dirichlet_router_builder(cfg)),
+    }
+    for name, spec in specs.items():
+        model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=128,
+                         max_sequence_length=64).cuda()
+        layer = model.decoder.layers[0]
+        assert isinstance(layer.mlp.router, DirichletRouter), name
+        assert isinstance(layer.mlp, DirMoELayer) == (name == "ours")
+        tokens = torch.randint(0, 128, (2, 64), device="cuda")
+        position_ids = torch.arange(64, device="cuda")[None].expand(2, -1)
+        loss = model(tokens, position_ids, None, labels=tokens).float().mean()
+        loss.backward()
+        assert torch.isfinite(loss)

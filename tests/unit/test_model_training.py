@@ -20,7 +20,7 @@ def _pattern_batch(gen: torch.Generator) -> torch.Tensor:
     return torch.cat(seq, dim=1)
 
 
-def _train(model, steps=STEPS, lr=3e-3):
+def _train(model, steps=STEPS, lr=3e-3, attention_mask=None):
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -35,7 +35,7 @@ def _train(model, steps=STEPS, lr=3e-3):
     for step in range(steps):
         set_router_iteration(model, step)
         tokens = _pattern_batch(gen)
-        loss = model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:]).mean()
+        loss = model(tokens[:, :-1], position_ids, attention_mask, labels=tokens[:, 1:]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -142,3 +142,39 @@ def test_swap_router_on_megatron_specs(megatron_single_rank):
                      vocab_size=VOCAB, max_sequence_length=SEQ,
                      position_embedding_type="learned_absolute")
     assert sum(isinstance(m, DirichletRouter) for m in model.modules()) == 2
+
+
+def test_swapped_megatron_local_spec_trains_on_cpu(megatron_single_rank, monkeypatch):
+    """Megatron's own local spec (its DotProductAttention included), router swapped in one line.
+
+    Test-only shim: Megatron's local attention takes its score buffer from
+    `torch.cuda.current_device()` and forks the CUDA RNG tracker; pointing the first at the CPU
+    and making the fork a no-op (dropout is 0) lets the unmodified spec run here.
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_dirmoe import dirichlet_router_builder, swap_router
+    from megatron_dirmoe.router import DirichletRouter
+
+    import contextlib
+
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    # Its attention dropout forks the CUDA RNG tracker; with dropout 0 a no-op fork is exact.
+    monkeypatch.setattr(get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())
+    torch.manual_seed(0)
+    spec = swap_router(get_gpt_layer_local_spec(num_experts=8),
+                       dirichlet_router_builder(DirMoEConfig(schedule_iters=STEPS)))
+    model = GPTModel(config=tiny_transformer_config(normalization="LayerNorm"),
+                     transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                     position_embedding_type="learned_absolute")
+    assert type(model.decoder.layers[0].self_attention.core_attention).__name__ == "DotProductAttention"
+    assert sum(isinstance(m, DirichletRouter) for m in model.modules()) == 2
+    # An explicit causal mask: Megatron's default one is allocated with a literal device="cuda".
+    causal = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
+    losses, metrics = _train(model, attention_mask=causal)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    assert (metrics[-1]["dirmoe/active_experts"] >= 1).all()
