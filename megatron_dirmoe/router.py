@@ -7,11 +7,13 @@ the fp32 gating GEMM, schedules by iteration, attaching the KL and expected-k lo
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Optional
 
 import torch
 
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
@@ -156,17 +158,18 @@ class DirichletRouter(Router):
         # Schedules enter as 0-d tensors so the compiled step does not recompile as they move;
         # fill_ launches a kernel without a host-to-device copy.
         self._schedule_values.fill_(tau)[1].fill_(prior_scale)
-        probs, routing_map, loss_sum, stats, load_E = self._step_fn(spike_logits.device)(
-            spike_logits,
-            slab_logits,
-            self.spike_bias,
-            self._schedule_values[0],
-            self._schedule_values[1],
-            valid_T,
-            training=self.training,
-            with_losses=with_losses,
-            **self._static_kwargs,
-        )
+        with self._noise_rng():
+            probs, routing_map, loss_sum, stats, load_E = self._step_fn(spike_logits.device)(
+                spike_logits,
+                slab_logits,
+                self.spike_bias,
+                self._schedule_values[0],
+                self._schedule_values[1],
+                valid_T,
+                training=self.training,
+                with_losses=with_losses,
+                **self._static_kwargs,
+            )
         if with_losses:
             probs = self._attach_losses(probs, loss_sum, valid_T)
         self._record_metrics(stats, load_E, tau, prior_scale, with_losses)
@@ -175,6 +178,14 @@ class DirichletRouter(Router):
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Route `input` [s, b, h]; `padding_mask` [s, b] is True at padded tokens."""
         return self.routing(self.gating(input), padding_mask=padding_mask)
+
+    def _noise_rng(self):
+        """With sequence parallelism each TP rank routes a different shard of tokens; draw the
+        Gumbel/Dirichlet noise from Megatron's per-TP-rank RNG stream (as Megatron does for
+        dropout in sequence-parallel regions) so shards do not share noise."""
+        if self.training and self.config.sequence_parallel:
+            return get_cuda_rng_tracker().fork()
+        return contextlib.nullcontext()
 
     def _step_fn(self, device: torch.device):
         """The routing step, compiled on CUDA when `torch_compile` is on (eager otherwise)."""
