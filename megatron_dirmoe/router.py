@@ -157,6 +157,9 @@ class DirichletRouter(Router):
             self.expert_load = self.expert_load.to(logits.device)
         # Schedules enter as 0-d tensors so the compiled step does not recompile as they move;
         # fill_ launches a kernel without a host-to-device copy.
+        # A fresh tensor per call: autograd saves tau for the backward, so refilling one buffer
+        # in place breaks a second forward before the first backward (pipeline schedules).
+        self._schedule_values = torch.empty_like(self._schedule_values)
         self._schedule_values.fill_(tau)[1].fill_(prior_scale)
         with self._noise_rng():
             probs, routing_map, loss_sum, stats, load_E = self._step_fn(spike_logits.device)(
