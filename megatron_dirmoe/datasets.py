@@ -1,0 +1,88 @@
+"""Training data for `megatron_dirmoe.pretrain`: Megatron's `GPTDataset` (or `MockGPTDataset`)
+built through `BlendedMegatronDatasetBuilder` from the usual Megatron data arguments
+(``--data-path`` blends with ``--split``, or ``--train/valid/test-data-path``).
+
+:func:`train_valid_test_datasets_provider` has the signature `megatron.training.pretrain`
+expects; the CPU loop calls it too, so both paths read exactly the same samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+__all__ = ["gpt_dataset_config_from_args", "build_gpt_datasets", "num_samples_per_split",
+           "train_valid_test_datasets_provider"]
+
+
+def gpt_dataset_config_from_args(args: argparse.Namespace, tokenizer, *,
+                                 create_attention_mask: Optional[bool] = None):
+    """`GPTDatasetConfig` from Megatron's arguments (what Megatron-LM's pretrain_gpt does)."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.training.utils.common_utils import get_blend_and_blend_per_split
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    if create_attention_mask is None:
+        create_attention_mask = args.create_attention_mask_in_dataloader
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split if blend is not None else None,
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        tokenizer=tokenizer,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=create_attention_mask,
+        object_storage_cache_path=getattr(args, "object_storage_cache_path", None),
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+        allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens,
+    )
+
+
+def num_samples_per_split(args: argparse.Namespace) -> list[int]:
+    """Samples the run draws from train/valid/test (Megatron's own formula, iteration-based)."""
+    train = args.train_iters * args.global_batch_size
+    eval_gbs = getattr(args, "eval_global_batch_size", None) or args.global_batch_size
+    evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
+    valid = evals * args.eval_iters * eval_gbs
+    test = args.eval_iters * eval_gbs
+    return [train, valid, test]
+
+
+def build_gpt_datasets(args: argparse.Namespace, tokenizer, sizes: Sequence[int], *,
+                       is_built_on_rank=lambda: True, create_attention_mask=None):
+    """(train, valid, test) datasets; a split without data is ``None``."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+
+    config = gpt_dataset_config_from_args(args, tokenizer,
+                                          create_attention_mask=create_attention_mask)
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, list(sizes), is_built_on_rank, config).build()
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """`megatron.training.pretrain`'s dataset provider (reads Megatron's global args)."""
+    from megatron.core import mpu
+    from megatron.training import get_args, get_tokenizer, print_rank_0
+
+    args = get_args()
+
+    def is_built_on_rank():
+        return mpu.get_tensor_model_parallel_rank() == 0 and (
+            mpu.is_pipeline_first_stage(ignore_virtual=True)
+            or mpu.is_pipeline_last_stage(ignore_virtual=True)
+        )
+
+    print_rank_0("> building train, validation, and test datasets for DirMoE GPT ...")
+    datasets = build_gpt_datasets(args, get_tokenizer(), train_val_test_num_samples,
+                                  is_built_on_rank=is_built_on_rank)
+    print_rank_0("> finished creating DirMoE GPT datasets ...")
+    return datasets

@@ -1,0 +1,46 @@
+"""`python -m megatron_dirmoe.pretrain` (console script ``dirmoe-pretrain``): pretrain a GPT
+with DirMoE routers.
+
+Takes Megatron-LM's own arguments (parsed with `megatron.training`'s parser) plus the
+``--dirmoe-*`` flags. On CUDA it trains with `megatron.training.pretrain` (launch with
+``torchrun``); without a GPU the same command runs the CPU loop of
+:mod:`megatron_dirmoe.training.cpu_loop` (one process). Without data flags it trains on the
+public-domain corpus shipped in the package; ``--preset tiny`` fills in a small model::
+
+    python -m megatron_dirmoe.pretrain --preset tiny
+    torchrun --nproc-per-node 8 -m megatron_dirmoe.pretrain --num-layers 12 --hidden-size 1024 \\
+        --num-attention-heads 16 --num-experts 8 --seq-length 2048 ... --dirmoe-target-k 1
+
+Paper defaults where flags are not given: AdamW, lr 1e-4 (min 1e-5), weight decay 1e-2, 1%
+warm-up then cosine, clipping 1.0, seed 1234, bf16 on CUDA with fp32 router math. See
+:mod:`megatron_dirmoe.training.arguments`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    from megatron_dirmoe.training.arguments import parse_pretrain_args
+
+    args = parse_pretrain_args(argv)
+    if args.dirmoe_use_cuda:
+        from megatron_dirmoe.training.gpu import pretrain_on_cuda
+
+        return pretrain_on_cuda(args)
+
+    from megatron.training.global_vars import set_global_variables, unset_global_variables
+
+    from megatron_dirmoe.training.cpu_loop import train_on_cpu
+
+    unset_global_variables()  # allow repeated calls in one process (tests)
+    set_global_variables(args)
+    return train_on_cpu(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Training entry pieces: arguments and presets, the CPU loop, the CUDA path, checkpoints."""

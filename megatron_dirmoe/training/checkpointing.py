@@ -1,0 +1,169 @@
+"""Checkpoints of the CPU loop, in the layout `megatron.training` writes with
+``--ckpt-format torch_dist`` (its default), so one reader serves checkpoints from either path.
+
+Layout (``<save>`` is ``--save``)::
+
+    <save>/latest_checkpointed_iteration.txt     the last complete iteration, e.g. "300"
+    <save>/iter_0000300/                         a Megatron-Core distributed checkpoint
+        metadata.json, .metadata, __*.distcp, common state
+
+Contents of ``iter_NNNNNNN`` (``megatron.core.dist_checkpointing``):
+
+* sharded: the model's ``sharded_state_dict()`` tensors, under the keys Megatron-Core gives them
+  (``embedding.word_embeddings.weight``, ``decoder.layers.*``, ``output_layer.weight``; DirMoE
+  routers add ``decoder.layers.N.mlp.router.weight`` [2E, h] and ``...router.spike_bias`` [E]).
+* common (``dist_checkpointing.load_common_state_dict(dir)``): ``args`` (the full parsed
+  Namespace, including every ``dirmoe_*`` flag and ``args.dirmoe_config``, the resolved
+  `DirMoEConfig` as a dict), ``checkpoint_version`` (3.0), ``iteration``,
+  ``opt_param_scheduler``, ``num_floating_point_operations_so_far`` -- the same keys
+  `megatron.training` writes -- plus, for the CPU loop, ``optimizer`` (a ``torch.optim.AdamW``
+  state dict), ``rng_state`` (torch / Python / NumPy generator states), ``consumed_train_samples``
+  (the data position) and ``dirmoe_trainer`` = "cpu_loop". The GPU path stores its optimizer
+  and RNG as sharded objects instead (Megatron's own format).
+
+Reading the model back, from either path::
+
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    model = <build from common["args"]>
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt_dir)
+    model.load_state_dict(state["model"])  # `load` also returns the common keys
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "TRACKER_FILENAME",
+    "checkpoint_dir",
+    "latest_iteration",
+    "save_cpu_checkpoint",
+    "load_cpu_checkpoint",
+    "capture_rng_state",
+    "restore_rng_state",
+    "dist_save",
+]
+
+CHECKPOINT_VERSION = 3.0
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+
+
+def checkpoint_dir(root: str | os.PathLike, iteration: int) -> Path:
+    """``<root>/iter_0000NNN`` (`megatron.training.checkpointing.get_checkpoint_name`)."""
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: Optional[str | os.PathLike]) -> Optional[int]:
+    """The iteration in ``<root>/latest_checkpointed_iteration.txt``, or None."""
+    if root is None:
+        return None
+    tracker = Path(root) / TRACKER_FILENAME
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def capture_rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+@contextlib.contextmanager
+def _cpu_device_without_cuda():
+    """Megatron-Core's torch_dist writer stages tensors with ``.to("cpu", non_blocking=True)``
+    and then calls ``torch.cuda.synchronize()``, and it allocates its all-reduced error flag on
+    ``torch.cuda.current_device()``; both raise on a machine without a GPU. With no GPU every
+    tensor already is on the CPU: for the duration of the save (and only then) the sync is a
+    no-op and the current device is the CPU (gloo reduces CPU tensors)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.cuda.synchronize, torch.cuda.current_device
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_device = lambda: torch.device("cpu")  # where it stages its flags
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize, torch.cuda.current_device = saved
+
+
+def dist_save(state: dict, directory: str | os.PathLike) -> None:
+    """`megatron.core.dist_checkpointing.save`, also on machines without a GPU."""
+    from megatron.core import dist_checkpointing
+
+    with _cpu_device_without_cuda():
+        dist_checkpointing.save(state, str(directory))
+
+
+def save_cpu_checkpoint(root, iteration: int, model, optimizer, scheduler, args, *,
+                        consumed_train_samples: int, num_flops: float = 0.0) -> Path:
+    """Write ``<root>/iter_NNNNNNN`` and then point the tracker file at it."""
+    directory = checkpoint_dir(root, iteration)
+    if directory.exists():  # a re-run of the same iteration (e.g. after a crash mid-save)
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    args.consumed_train_samples = consumed_train_samples
+    args.iteration = iteration
+    state = {
+        "model": model.sharded_state_dict(),
+        "args": args,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        "optimizer": optimizer.state_dict(),
+        "opt_param_scheduler": scheduler.state_dict(),
+        "rng_state": capture_rng_state(),
+        "consumed_train_samples": consumed_train_samples,
+        "num_floating_point_operations_so_far": num_flops,
+        "dirmoe_trainer": "cpu_loop",
+    }
+    dist_save(state, directory)
+    tracker = Path(root) / TRACKER_FILENAME
+    tmp = tracker.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(f"{iteration}\n")
+    os.replace(tmp, tracker)  # the tracker only ever names a complete checkpoint
+    return directory
+
+
+def load_cpu_checkpoint(root, model, optimizer=None, scheduler=None, *, iteration=None,
+                        load_rng: bool = True) -> dict:
+    """Load model (and optimizer, scheduler, RNG when given) from ``root``'s latest (or
+    ``iteration``'s) checkpoint; returns the common state (``iteration``, ``args``, ...)."""
+    from megatron.core import dist_checkpointing
+
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            raise FileNotFoundError(f"no {TRACKER_FILENAME} under {root}")
+    directory = checkpoint_dir(root, iteration)
+    with _cpu_device_without_cuda():
+        common = dist_checkpointing.load_common_state_dict(str(directory))
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))
+    model.load_state_dict(loaded["model"])
+    if optimizer is not None and "optimizer" in common:
+        optimizer.load_state_dict(common["optimizer"])
+    if scheduler is not None and "opt_param_scheduler" in common:
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    if load_rng and "rng_state" in common:
+        restore_rng_state(common["rng_state"])
+    return common

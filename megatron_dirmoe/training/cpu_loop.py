@@ -1,0 +1,299 @@
+"""The CPU training loop: what `megatron.training.pretrain` does on GPUs, for one CPU process.
+
+Same arguments, same model, same data (Megatron's `GPTDataset` through
+:mod:`megatron_dirmoe.datasets`), same schedules (Megatron's `OptimizerParamScheduler` with the
+args' warm-up/decay, DirMoE's tau_z/lambda_p by iteration), AdamW with Megatron's weight-decay
+rule (no decay for biases and 1-D parameters), gradient clipping, gradient accumulation over
+micro-batches (aux losses scaled by 1/num_microbatches like Megatron's schedules), the DirMoE
+metrics through :class:`megatron_dirmoe.metrics.DirMoEMetricsTracker`, periodic validation and
+checkpoints in `megatron.training`'s layout (:mod:`megatron_dirmoe.training.checkpointing`).
+
+Resume is exact: the data position is the number of consumed samples (sample ``i`` of the
+training set is always the same sequence), the LR scheduler and optimizer states, the
+iteration (the router schedules are functions of it) and the RNG states are all in the
+checkpoint. Validation always uses the first ``eval_iters`` global batches of the validation set,
+so successive validation losses are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+__all__ = ["TrainResult", "train_on_cpu"]
+
+
+@dataclass
+class TrainResult:
+    iteration: int
+    losses: dict[int, float] = field(default_factory=dict)  # iteration -> training loss
+    valid_losses: dict[int, float] = field(default_factory=dict)
+    routing: list = field(default_factory=list)  # per MoE layer rows (metrics.routing_summary)
+    checkpoint: Optional[str] = None
+    model: Optional[torch.nn.Module] = field(default=None, repr=False)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _init_process_group() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _adamw(model, args) -> torch.optim.Optimizer:
+    """AdamW with Megatron's default grouping: no weight decay for biases and 1-D params."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim == 1 else decay).append(param)
+    groups = [
+        {"params": decay, "wd_mult": 1.0},
+        {"params": no_decay, "wd_mult": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+
+
+def _scheduler(optimizer, args):
+    """Megatron's `OptimizerParamScheduler` with the arguments
+    `megatron.training.training.get_optimizer_param_scheduler` gives it (iteration-based)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    gbs = args.global_batch_size
+    decay_iters = args.lr_decay_iters or args.train_iters
+    decay_steps = decay_iters * gbs
+    if args.lr_warmup_fraction is not None:
+        warmup_steps = args.lr_warmup_fraction * decay_steps
+    else:
+        warmup_steps = args.lr_warmup_iters * gbs
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=args.lr_warmup_init,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.start_weight_decay,
+        end_wd=args.end_weight_decay,
+        wd_incr_steps=args.train_iters * gbs,
+        wd_incr_style=args.weight_decay_incr_style,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        wsd_decay_steps=(args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None),
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
+    )
+
+
+def _batch(dataset, start: int, size: int) -> dict[str, torch.Tensor]:
+    samples = [dataset[i % len(dataset)] for i in range(start, start + size)]
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+            for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def _micro_batch_loss(model, batch) -> torch.Tensor:
+    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    mask = batch["loss_mask"].float()
+    return (losses.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@torch.no_grad()
+def _evaluate(model, dataset, args) -> float:
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    model.eval()
+    total, count = 0.0, 0
+    mbs = args.eval_micro_batch_size or args.micro_batch_size
+    gbs = args.eval_global_batch_size or args.global_batch_size
+    for start in range(0, args.eval_iters * gbs, mbs):
+        total += _micro_batch_loss(model, _batch(dataset, start, mbs)).item()
+        count += 1
+    model.train()
+    return total / max(count, 1)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_on_cpu(args: argparse.Namespace) -> TrainResult:
+    """Train (or resume) per ``args``; returns losses, validation losses and routing."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.training.global_vars import get_tensorboard_writer, get_tokenizer, get_wandb_writer
+
+    from megatron_dirmoe.baselines import update_expert_biases
+    from megatron_dirmoe.datasets import build_gpt_datasets, num_samples_per_split
+    from megatron_dirmoe.metrics import format_routing_summary, install_metrics_tracker, routing_summary
+    from megatron_dirmoe.router import set_router_iteration
+    from megatron_dirmoe.training.builders import (
+        build_model_from_args,
+        dirmoe_config_of,
+        moe_layer_numbers,
+    )
+    from megatron_dirmoe.training.checkpointing import (
+        latest_iteration,
+        load_cpu_checkpoint,
+        save_cpu_checkpoint,
+    )
+
+    if args.dirmoe_router == "dirichlet" and args.moe_router_topk is None:
+        raise ValueError("moe_router_topk unset")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    _init_process_group()
+    _seed(args.seed)
+    tracker = install_metrics_tracker()
+    tracker.clear()
+
+    model = build_model_from_args(args)
+    model.train()
+    optimizer = _adamw(model, args)
+    scheduler = _scheduler(optimizer, args)
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        args, get_tokenizer(), num_samples_per_split(args), create_attention_mask=False
+    )
+
+    num_micro = args.global_batch_size // args.micro_batch_size
+    if num_micro * args.micro_batch_size != args.global_batch_size:
+        raise ValueError(f"--global-batch-size ({args.global_batch_size}) must be a multiple of "
+                         f"--micro-batch-size ({args.micro_batch_size}) on one CPU process")
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_micro))
+
+    iteration, consumed = 0, 0
+    load_root = args.load
+    if load_root is not None and latest_iteration(load_root) is not None:
+        common = load_cpu_checkpoint(load_root, model, optimizer, scheduler,
+                                     load_rng=not args.no_load_rng)
+        iteration = int(common["iteration"])
+        consumed = int(common["consumed_train_samples"])
+        _log(f"[dirmoe] resumed from {load_root} at iteration {iteration} "
+             f"({consumed} samples consumed)")
+
+    writer, wandb_writer = get_tensorboard_writer(), get_wandb_writer()
+    num_params = sum(p.numel() for p in model.parameters())
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    cfg = dirmoe_config_of(args)
+    moe_layers = moe_layer_numbers(args)
+    _log(f"[dirmoe] CPU training: {num_params / 1e6:.2f}M parameters, {len(moe_layers)} MoE "
+         f"layers x {args.num_experts} experts ({args.dirmoe_router} router, target k "
+         f"{cfg.target_k}), {args.train_iters} iterations x {tokens_per_iter} tokens, "
+         f"{num_micro} micro-batch(es)/step, {torch.get_num_threads()} threads")
+
+    result = TrainResult(iteration=iteration)
+    params = [p for p in model.parameters() if p.requires_grad]
+    t_start, it_start = time.time(), iteration
+    window_loss, window_n = 0.0, 0
+    while iteration < args.train_iters:
+        set_router_iteration(model, iteration)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for m in range(num_micro):
+            batch = _batch(train_ds, consumed + m * args.micro_batch_size, args.micro_batch_size)
+            loss = _micro_batch_loss(model, batch) / num_micro
+            loss.backward()
+            step_loss += loss.item()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.clip_grad).item()
+                     if args.clip_grad > 0 else float("nan"))
+        optimizer.step()
+        update_expert_biases(model)
+        scheduler.step(increment=args.global_batch_size)
+        consumed += args.global_batch_size
+        iteration += 1
+        result.losses[iteration] = step_loss
+        moe_string = tracker.report(loss_scale=1.0 / num_micro, iteration=iteration,
+                                    writer=writer, wandb_writer=wandb_writer,
+                                    per_layer_logging=args.moe_per_layer_logging,
+                                    num_layers=args.num_layers,
+                                    moe_layer_freq=args.moe_layer_freq,
+                                    mtp_num_layers=args.mtp_num_layers)
+        if writer is not None:
+            writer.add_scalar("lm loss", step_loss, iteration)
+            writer.add_scalar("learning-rate", optimizer.param_groups[0]["lr"], iteration)
+            writer.add_scalar("grad-norm", grad_norm, iteration)
+        if wandb_writer is not None:
+            wandb_writer.log({"lm loss": step_loss, "learning-rate":
+                              optimizer.param_groups[0]["lr"], "grad-norm": grad_norm}, iteration)
+        window_loss += step_loss
+        window_n += 1
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            elapsed = time.time() - t_start
+            done = iteration - it_start
+            tps = done * tokens_per_iter / max(elapsed, 1e-9)
+            eta = elapsed / max(done, 1) * (args.train_iters - iteration)
+            active = tracker.last_per_layer.get("dirmoe/active_experts")
+            per_layer = ("" if active is None else " active/layer: "
+                         + ",".join(f"{active[n - 1]:.2f}" for n in moe_layers) + " |")
+            _log(f" iteration {iteration:>6d}/{args.train_iters} | lm loss "
+                 f"{window_loss / window_n:.4f} | lr {optimizer.param_groups[0]['lr']:.3e} | "
+                 f"grad norm {grad_norm:.3f} | tokens/s {tps:,.0f} | ETA {_fmt_time(eta)} |"
+                 f"{moe_string}{per_layer}")
+            window_loss, window_n = 0.0, 0
+        if valid_ds is not None and args.eval_interval and args.eval_iters and (
+            iteration % args.eval_interval == 0 or iteration == args.train_iters
+        ):
+            val = _evaluate(model, valid_ds, args)
+            tracker.clear()  # eval forwards recorded eval-mode routing; not this step's metrics
+            result.valid_losses[iteration] = val
+            _log(f" validation loss at iteration {iteration}: {val:.4f} | ppl "
+                 f"{math.exp(min(val, 20)):.2f}")
+            if writer is not None:
+                writer.add_scalar("lm loss validation", val, iteration)
+            if wandb_writer is not None:
+                wandb_writer.log({"lm loss validation": val}, iteration)
+        exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
+        if args.save and (
+            (args.save_interval and iteration % args.save_interval == 0)
+            or iteration == args.train_iters or exiting
+        ):
+            path = save_cpu_checkpoint(args.save, iteration, model, optimizer, scheduler, args,
+                                       consumed_train_samples=consumed)
+            result.checkpoint = str(path)
+            _log(f" saved checkpoint {path}")
+        if exiting:
+            _log(f"[dirmoe] exiting at iteration {iteration} (--exit-interval)")
+            break
+
+    result.iteration = iteration
+    train_rows = routing_summary(tracker.last_per_layer, moe_layers)
+    result.routing = train_rows
+    result.model = model
+    if result.valid_losses:
+        last = max(result.valid_losses)
+        _log(f"[dirmoe] final validation loss (iteration {last}): {result.valid_losses[last]:.4f}")
+    if train_rows and args.dirmoe_router == "dirichlet":
+        _log(format_routing_summary(train_rows, cfg.target_k, args.num_experts))
+        _log("  last training step; active = realised experts per token, eval_active = the "
+             "same tokens under deterministic (eval) routing, E[k] = sum of gate probabilities")
+    if writer is not None:
+        writer.flush()
+    return result
