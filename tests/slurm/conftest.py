@@ -11,11 +11,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # cluster.py next to this file
 
 from cluster import LocalSlurmCluster, why_unavailable  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-SLURM_DIR = REPO / "slurm"
-# The sbatch scripts users submit (common.sh is sourced by them, not submitted).
-SCRIPTS = sorted(p.name for p in SLURM_DIR.glob("*.sh") if p.name != "common.sh")
-
 
 def pytest_configure(config):
     config.addinivalue_line(

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SCRIPTS, SLURM_DIR
+from slurm_paths import REPO, SCRIPTS, SLURM_DIR
 
 PAPER = {  # the paper's optimisation recipe, as the scripts must pass it
     "--global-batch-size": "512", "--micro-batch-size": "32", "--lr": "1e-4", "--min-lr": "1e-5",

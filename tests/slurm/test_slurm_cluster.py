@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SCRIPTS
+from slurm_paths import REPO, SCRIPTS
 
 pytestmark = pytest.mark.slurm
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_transformer_config
+from tiny_config import tiny_transformer_config
 
 
 def _model(megatron_router_config):

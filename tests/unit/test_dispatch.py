@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_transformer_config
+from tiny_config import tiny_transformer_config
 
 from megatron_dirmoe.config import DirMoEConfig
 

@@ -73,7 +73,7 @@ def test_impossible_layouts_name_the_flag(overrides, cfg, world_size, flag):
 
 
 def test_accepts_a_transformer_config():
-    from conftest import tiny_transformer_config
+    from tiny_config import tiny_transformer_config
 
     config = tiny_transformer_config(moe_router_topk=8, moe_token_dispatcher_type="alltoall")
     validate_layout(config, CFG, world_size=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_transformer_config
+from tiny_config import tiny_transformer_config
 
 from megatron_dirmoe.config import DirMoEConfig
 

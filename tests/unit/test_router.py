@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_transformer_config
+from tiny_config import tiny_transformer_config
 
 from megatron_dirmoe.config import DirMoEConfig
 from megatron_dirmoe.routing import route, routing_regularizers
