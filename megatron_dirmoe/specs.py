@@ -72,7 +72,7 @@ def _map_spec(node: Any, fn: Callable[[Any], Any]) -> Any:
     return fn(node)
 
 
-def swap_router(spec: Any, router: Callable[..., Any]) -> Any:
+def swap_router(spec: Any, router: Callable[..., Any], *, require_moe: bool = True) -> Any:
     """Return a copy of a Megatron layer or block spec whose MoE layers build `router`.
 
     Works on `ModuleSpec(TransformerLayer, ...)` from `get_gpt_layer_local_spec` /
@@ -81,7 +81,8 @@ def swap_router(spec: Any, router: Callable[..., Any]) -> Any:
     called as ``router(config=..., pg_collection=..., is_mtp_layer=...)``, e.g.
     ``dirichlet_router_builder(DirMoEConfig(...))`` or Megatron's `TopKRouter`.
 
-    Raises `ValueError` if the spec contains no MoE layer (nothing to swap).
+    Raises `ValueError` if the spec contains no MoE layer (nothing to swap), unless
+    `require_moe=False` (e.g. a pipeline stage that holds only dense layers).
     """
     found = []
 
@@ -92,7 +93,7 @@ def swap_router(spec: Any, router: Callable[..., Any]) -> Any:
         return node
 
     new_spec = _map_spec(spec, replace)
-    if not found:
+    if not found and require_moe:
         raise ValueError(
             "swap_router: the spec has no MoE layer (no MoESubmodules); build it with num_experts "
             "set, e.g. get_gpt_layer_local_spec(num_experts=8)"
@@ -180,4 +181,5 @@ def get_dirmoe_decoder_block_spec(
     if router is None:
         router = dirichlet_router_builder(dirmoe_config or DirMoEConfig())
         spec = _dirmoe_moe_layer(spec)
-    return swap_router(spec, router)
+    # A pipeline stage may hold only dense layers (e.g. --moe-layer-freq [0,1] with PP=2).
+    return swap_router(spec, router, require_moe=False)

@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_megatron_arguments(parser)
     add_launcher_args(parser)
+    # Some Megatron 0.19.2 help texts contain a bare '%', which breaks argparse's --help.
+    for action in parser._actions:
+        if action.help and "%" in action.help and "%(" not in action.help:
+            action.help = action.help.replace("%", "%%")
     return parser
 
 

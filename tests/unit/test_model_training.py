@@ -178,3 +178,15 @@ def test_swapped_megatron_local_spec_trains_on_cpu(megatron_single_rank, monkeyp
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, (first, last)
     assert (metrics[-1]["dirmoe/active_experts"] >= 1).all()
+
+
+def test_block_spec_for_a_dense_only_pipeline_stage(megatron_single_rank):
+    """With --moe-layer-freq [0,1] and PP=2 the first stage holds no MoE layer; its block spec
+    must still build (nothing to swap there)."""
+    from megatron_dirmoe.specs import get_dirmoe_decoder_block_spec
+
+    config = tiny_transformer_config(num_layers=1, moe_layer_freq=[0])
+    spec = get_dirmoe_decoder_block_spec(config, DirMoEConfig(schedule_iters=5), use_te=False)
+    assert [type(s.submodules.mlp.keywords["submodules"]).__name__ for s in spec.layer_specs] == [
+        "MLPSubmodules"
+    ]
