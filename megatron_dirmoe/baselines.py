@@ -15,7 +15,6 @@ import torch
 from megatron.core.transformer.moe.moe_utils import (
     get_default_pg_collection,
     get_updated_expert_bias,
-    router_gating_linear,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
@@ -51,7 +50,10 @@ class DeviceAgnosticTopKRouter(TopKRouter):
         router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
             self.config.moe_router_dtype, input.dtype
         )
-        return router_gating_linear(input, self.weight, self.bias, router_dtype)
+        # Plain torch, like DirichletRouter.gating (the TE GEMM path of `router_gating_linear`
+        # fails with TE 2.20 for bf16 inputs and fp32 output on some shapes).
+        bias = None if self.bias is None else self.bias.to(router_dtype)
+        return torch.nn.functional.linear(input.to(router_dtype), self.weight.to(router_dtype), bias)
 
 
 def update_expert_biases(model) -> int:

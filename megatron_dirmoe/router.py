@@ -18,7 +18,6 @@ from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     get_default_pg_collection,
-    router_gating_linear,
 )
 from megatron.core.transformer.moe.router import Router, TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -134,7 +133,9 @@ class DirichletRouter(Router):
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """Spike and slab logits [..., 2E] in fp32 from one GEMM (device-agnostic, unlike
         `Router.gating`, which moves CPU weights to CUDA)."""
-        return router_gating_linear(input, self.weight, None, torch.float32)
+        # Plain torch rather than Megatron's `router_gating_linear`: with TE 2.20 its TE GEMM path
+        # fails (cuBLAS "unsupported value") for bf16 inputs and fp32 output on some shapes.
+        return torch.nn.functional.linear(input.float(), self.weight.float())
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Route [T, 2E] logits; returns (probs [T, E], routing_map [T, E])."""
