@@ -95,6 +95,9 @@ def test_get_dirmoe_layer_spec_and_swap_on_te_layer_spec(cuda_rng):
         assert isinstance(layer.mlp, DirMoELayer) == (name == "ours")
         tokens = torch.randint(0, 128, (2, 64), device="cuda")
         position_ids = torch.arange(64, device="cuda")[None].expand(2, -1)
-        loss = model(tokens, position_ids, None, labels=tokens).float().mean()
+        # Without Megatron's Float16Module wrapper the embeddings are fp32; TE modules with
+        # bf16 parameters need an autocast region then.
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(tokens, position_ids, None, labels=tokens).float().mean()
         loss.backward()
         assert torch.isfinite(loss)
