@@ -75,12 +75,10 @@ class DirichletRouter(Router):
         self.bias = None
         self.weight = torch.nn.Parameter(torch.empty(2 * num_experts, hidden, dtype=torch.float32))
         self.spike_bias = torch.nn.Parameter(torch.empty(num_experts, dtype=torch.float32))
-        # Plain fp32 tensors rather than buffers, so Megatron's Float16Module (which casts buffers
-        # to bf16) cannot round them; created on the logits' device at the first forward.
-        # Routed (non-padded) tokens per expert since the last `pop_expert_load()`:
+        # Routed (non-padded) tokens per expert since the last `pop_expert_load()`. A plain fp32
+        # tensor rather than a buffer, so Megatron's Float16Module (which casts buffers to bf16)
+        # cannot round the counts; it follows the logits' device at the first forward.
         self.expert_load = torch.zeros(num_experts, dtype=torch.float32)
-        # [tau_z, lambda_p] of the current iteration:
-        self._schedule_values = torch.zeros(2, dtype=torch.float32)
         cfg = self.dirmoe_config
         self._static_kwargs = dict(
             posterior_scale=cfg.posterior_scale,
@@ -153,22 +151,19 @@ class DirichletRouter(Router):
 
         with_losses = self.training and torch.is_grad_enabled()
         tau, prior_scale = self.temperature, self.prior_scale
-        if self._schedule_values.device != logits.device:
-            self._schedule_values = self._schedule_values.to(logits.device)
-            self.expert_load = self.expert_load.to(logits.device)
         # Schedules enter as 0-d tensors so the compiled step does not recompile as they move;
-        # fill_ launches a kernel without a host-to-device copy.
-        # A fresh tensor per call: autograd saves tau for the backward, so refilling one buffer
-        # in place breaks a second forward before the first backward (pipeline schedules).
-        self._schedule_values = torch.empty_like(self._schedule_values)
-        self._schedule_values.fill_(tau)[1].fill_(prior_scale)
+        # fill_ launches a kernel without a host-to-device copy. A fresh tensor per call:
+        # autograd saves tau for the backward, so refilling one tensor in place would break a
+        # second forward before the first backward (pipeline schedules).
+        schedule_2 = torch.empty(2, dtype=torch.float32, device=logits.device)
+        schedule_2.fill_(tau)[1].fill_(prior_scale)
         with self._noise_rng():
             probs, routing_map, loss_sum, stats, load_E = self._step_fn(spike_logits.device)(
                 spike_logits,
                 slab_logits,
                 self.spike_bias,
-                self._schedule_values[0],
-                self._schedule_values[1],
+                schedule_2[0],
+                schedule_2[1],
                 valid_T,
                 training=self.training,
                 with_losses=with_losses,
@@ -176,7 +171,7 @@ class DirichletRouter(Router):
             )
         if with_losses:
             probs = self._attach_losses(probs, loss_sum, valid_T)
-        self._record_metrics(stats, load_E, tau, prior_scale, with_losses)
+        self._record_metrics(stats, load_E, schedule_2, with_losses)
         return probs, routing_map
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -228,7 +223,9 @@ class DirichletRouter(Router):
 
     # ------------------------------------------------------------------ metrics
     @torch.no_grad()
-    def _record_metrics(self, stats, load_E, tau, prior_scale, with_losses) -> None:
+    def _record_metrics(self, stats, load_E, schedule_2, with_losses) -> None:
+        if self.expert_load.device != load_E.device:
+            self.expert_load = self.expert_load.to(load_E.device)
         self.expert_load += load_E
         if self.layer_number is None:
             return
@@ -245,8 +242,8 @@ class DirichletRouter(Router):
             if not with_losses and name in _TRAINING_ONLY_STATS:
                 continue
             record(f"dirmoe/{name}", stats[index])
-        record("dirmoe/tau", self._schedule_values[0])
-        record("dirmoe/prior_scale", self._schedule_values[1])
+        record("dirmoe/tau", schedule_2[0])
+        record("dirmoe/prior_scale", schedule_2[1])
 
     def pop_expert_load(self) -> torch.Tensor:
         """Tokens routed to each expert since the last call (local rank), then reset."""

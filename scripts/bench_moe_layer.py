@@ -62,15 +62,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def init_single_rank(device: str) -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+    from megatron_dirmoe.single_rank import init_single_rank as init_world
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29613")
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+    init_world("nccl" if device == "cuda" else "gloo")
     if device == "cuda":
         # GPU initialisation draws from Megatron's model-parallel CUDA RNG tracker.
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed

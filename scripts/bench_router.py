@@ -33,18 +33,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def init_single_rank(device: str) -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29611")
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
-
-
 def build_routers(num_experts: int, hidden: int, k: int, device: str):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -102,7 +90,9 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device == "cuda" else "fp32")
     ]
-    init_single_rank(device)
+    from megatron_dirmoe.single_rank import init_single_rank
+
+    init_single_rank("nccl" if device == "cuda" else "gloo")
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0, device=device))
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name} | torch {torch.__version__} | T={args.tokens} hidden={args.hidden} "

@@ -208,22 +208,13 @@ def dirmoe_config_from_args(args: Namespace):
 
 def ensure_single_rank_world() -> None:
     """A gloo world of one rank with Megatron's parallel state at size 1 (if none exists)."""
-    import socket
-
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
-    if not dist.is_initialized():
-        # Our own one-rank world on a free port (a MASTER_PORT left in the environment by a
-        # launcher or a parent process may be taken).
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    from megatron_dirmoe.single_rank import init_single_rank
+
+    init_single_rank("gloo")
     if dist.get_world_size() != 1:
         raise RuntimeError("the converter runs on one rank; launch it without torchrun")
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
 
 
 def _vocab_size(args: Namespace, ckpt_dir: Optional[Path]) -> int:

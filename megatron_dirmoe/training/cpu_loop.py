@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import sys
 import time
@@ -44,23 +43,6 @@ class TrainResult:
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _init_process_group() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
 
 
 def _seed(seed: int) -> None:
@@ -156,6 +138,7 @@ def train_on_cpu(args: argparse.Namespace) -> TrainResult:
     from megatron_dirmoe.datasets import build_gpt_datasets, num_samples_per_split
     from megatron_dirmoe.metrics import format_routing_summary, install_metrics_tracker, routing_summary
     from megatron_dirmoe.router import set_router_iteration
+    from megatron_dirmoe.single_rank import init_single_rank
     from megatron_dirmoe.training.builders import (
         build_model_from_args,
         dirmoe_config_of,
@@ -170,7 +153,7 @@ def train_on_cpu(args: argparse.Namespace) -> TrainResult:
     if args.dirmoe_router == "dirichlet" and args.moe_router_topk is None:
         raise ValueError("moe_router_topk unset")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    _init_process_group()
+    init_single_rank("gloo")
     _seed(args.seed)
     tracker = install_metrics_tracker()
     tracker.clear()
