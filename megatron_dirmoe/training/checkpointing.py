@@ -163,7 +163,14 @@ def load_cpu_checkpoint(root, model, optimizer=None, scheduler=None, *, iteratio
     if optimizer is not None and "optimizer" in common:
         optimizer.load_state_dict(common["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in common:
-        scheduler.load_state_dict(common["opt_param_scheduler"])
+        try:
+            scheduler.load_state_dict(common["opt_param_scheduler"])
+        except AssertionError as err:  # Megatron asserts that the LR schedule is unchanged
+            raise ValueError(
+                f"checkpoint {directory}: the learning-rate schedule differs from the saved one "
+                f"({err}). Resume with the same --train-iters / --lr* / warm-up flags, or pass "
+                "--override-opt_param-scheduler to take the new schedule"
+            ) from None
     if load_rng and "rng_state" in common:
         restore_rng_state(common["rng_state"])
     return common

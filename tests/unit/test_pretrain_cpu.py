@@ -94,3 +94,12 @@ def test_resume_equivalence(tmp_path, data_cache):
                             second.model.state_dict().values()):
         if isinstance(a, torch.Tensor):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_with_a_changed_schedule_names_the_flags(tmp_path, data_cache):
+    """A rerun whose LR schedule differs from the checkpoint's fails with a clear message."""
+    common = ["--eval-interval", "100", "--eval-iters", "1", "--save-interval", "100",
+              "--lr-warmup-fraction", "0.5"]
+    run(tmp_path, data_cache, "--train-iters", "2", *common)
+    with pytest.raises(ValueError, match="--override-opt_param-scheduler"):
+        run(tmp_path, data_cache, "--train-iters", "4", *common)
