@@ -2,7 +2,8 @@
 
 The math lives in :mod:`megatron_dirmoe.routing`; this adapter only does Megatron plumbing:
 the fp32 gating GEMM, schedules by iteration, attaching the KL and expected-k losses with
-`MoEAuxLossAutoScaler`, padding masks, the z-loss hook, and metrics for Megatron's MoE tracker.
+`MoEAuxLossAutoScaler`, padding masks, the z-loss hook, Megatron's optional load-balancing
+loss (aux_loss), and metrics for Megatron's MoE tracker.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import Iterable, Optional
 import torch
 
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     get_default_pg_collection,
+    switch_load_balancing_loss_func,
 )
 from megatron.core.transformer.moe.router import Router, TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -79,6 +82,21 @@ class DirichletRouter(Router):
         # tensor rather than a buffer, so Megatron's Float16Module (which casts buffers to bf16)
         # cannot round the counts; it follows the logits' device at the first forward.
         self.expert_load = torch.zeros(num_experts, dtype=torch.float32)
+        # Megatron's Switch-style load-balancing loss (--moe-router-load-balancing-type aux_loss
+        # --moe-aux-loss-coeff c) on the normalised gate probabilities pi / sum(pi), as
+        # TopKRouter applies it to sigmoid scores, with k = target_k.
+        self.routing_type = config.moe_router_load_balancing_type
+        self.topk = self.dirmoe_config.target_k
+        for kind in ("seq_aux_loss", "global_aux_loss"):
+            if TopKRouter.get_aux_loss_coeff(self, kind) > 0:
+                raise ValueError(f"--moe-router-load-balancing-type {kind} is not supported by "
+                                 "DirichletRouter; use aux_loss")
+        if config.moe_router_enable_expert_bias:
+            # Measured on the router comparison: a bias moved against the load cannot keep up
+            # with the gating weights' drift at useful rates, and it fights the expected-k
+            # penalty (docs/ROUTER_COMPARISON.md).
+            raise ValueError("--moe-router-enable-expert-bias is not supported by "
+                             "DirichletRouter; use --moe-router-load-balancing-type aux_loss")
         cfg = self.dirmoe_config
         self._static_kwargs = dict(
             posterior_scale=cfg.posterior_scale,
@@ -158,7 +176,8 @@ class DirichletRouter(Router):
         schedule_2 = torch.empty(2, dtype=torch.float32, device=logits.device)
         schedule_2.fill_(tau)[1].fill_(prior_scale)
         with self._noise_rng():
-            probs, routing_map, loss_sum, stats, load_E = self._step_fn(spike_logits.device)(
+            probs, routing_map, loss_sum, stats, load_E, gate_prob = self._step_fn(
+                spike_logits.device)(
                 spike_logits,
                 slab_logits,
                 self.spike_bias,
@@ -171,6 +190,7 @@ class DirichletRouter(Router):
             )
         if with_losses:
             probs = self._attach_losses(probs, loss_sum, valid_T)
+            probs = self._apply_load_balancing_loss(probs, gate_prob, routing_map, valid_T)
         self._record_metrics(stats, load_E, schedule_2, with_losses)
         return probs, routing_map
 
@@ -211,6 +231,27 @@ class DirichletRouter(Router):
         if self.is_mtp_layer and self.config.mtp_use_repeated_layer and self.config.mtp_num_layers:
             aux = aux / self.config.mtp_num_layers
         return MoEAuxLossAutoScaler.apply(probs, aux)
+
+    def _apply_load_balancing_loss(self, probs, gate_prob_TE, routing_map_TE, valid_T):
+        """Megatron's aux_loss (Switch) on pi / sum(pi) against the realised routed load."""
+        coeff = TopKRouter.get_aux_loss_coeff(self, "aux_loss")
+        if coeff == 0:
+            return probs
+        scores_TE = gate_prob_TE / gate_prob_TE.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        if valid_T is not None:
+            scores_TE = scores_TE * valid_T[:, None]
+        tokens_per_expert = reduce_from_tensor_model_parallel_region(
+            routing_map_TE.sum(dim=0).float(), self.tp_cp_group
+        )
+        total = self._global_token_count(probs.shape[0], valid_T)
+        aux = switch_load_balancing_loss_func(
+            probs=scores_TE, tokens_per_expert=tokens_per_expert, total_num_tokens=total,
+            topk=self.topk, num_experts=self.num_experts, moe_aux_loss_coeff=coeff,
+        )
+        return TopKRouter.attach_and_log_load_balancing_loss(
+            self, probs, coeff, aux, "load_balancing_loss", self.tp_cp_group,
+            valid_token_count=None if valid_T is None else valid_T.sum(),
+        )
 
     def _global_token_count(self, num_local: int, valid_T: Optional[torch.Tensor]):
         group_size = self.tp_cp_group.size()
@@ -326,7 +367,7 @@ def _routing_step(
         leak=leak,
         max_active=max_active,
     )
-    return probs_TE, routing_map_TE, loss_sum, stats, load_E
+    return probs_TE, routing_map_TE, loss_sum, stats, load_E, result.gate_prob_TE
 
 
 # ---------------------------------------------------------------------- helpers

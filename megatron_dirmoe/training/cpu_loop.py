@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -28,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["TrainResult", "train_on_cpu"]
+__all__ = ["TrainResult", "train_on_cpu", "batch_from_dataset"]
 
 
 @dataclass
@@ -37,6 +36,8 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> training loss
     valid_losses: dict[int, float] = field(default_factory=dict)
     routing: list = field(default_factory=list)  # per MoE layer rows (metrics.routing_summary)
+    # One row per iteration: loss, lr, step seconds, and each DirMoE metric per MoE layer.
+    history: list = field(default_factory=list)
     checkpoint: Optional[str] = None
     model: Optional[torch.nn.Module] = field(default=None, repr=False)
 
@@ -97,9 +98,11 @@ def _scheduler(optimizer, args):
     )
 
 
-def _batch(dataset, start: int, size: int) -> dict[str, torch.Tensor]:
+def batch_from_dataset(dataset, start: int, size: int,
+                       device="cpu") -> dict[str, torch.Tensor]:
+    """Samples start .. start+size-1 (wrapping) of a GPT dataset as a batch on `device`."""
     samples = [dataset[i % len(dataset)] for i in range(start, start + size)]
-    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)
             for key in ("tokens", "labels", "loss_mask", "position_ids")}
 
 
@@ -110,15 +113,14 @@ def _micro_batch_loss(model, batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _evaluate(model, dataset, args) -> float:
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-
+def _evaluate(model, dataset, args, device="cpu") -> float:
     model.eval()
     total, count = 0.0, 0
     mbs = args.eval_micro_batch_size or args.micro_batch_size
     gbs = args.eval_global_batch_size or args.global_batch_size
     for start in range(0, args.eval_iters * gbs, mbs):
-        total += _micro_batch_loss(model, _batch(dataset, start, mbs)).item()
+        batch = batch_from_dataset(dataset, start, mbs, device)
+        total += _micro_batch_loss(model, batch).item()
         count += 1
     model.train()
     return total / max(count, 1)
@@ -129,8 +131,11 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train_on_cpu(args: argparse.Namespace) -> TrainResult:
-    """Train (or resume) per ``args``; returns losses, validation losses and routing."""
+def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
+    """Train (or resume) per ``args``; returns losses, validation losses and routing.
+
+    ``device="cuda"`` runs the same single-process loop on one GPU (fp32, local spec: what the
+    router comparison uses so every router trains in one identical loop)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.training.global_vars import get_tensorboard_writer, get_tokenizer, get_wandb_writer
 
@@ -153,12 +158,16 @@ def train_on_cpu(args: argparse.Namespace) -> TrainResult:
     if args.dirmoe_router == "dirichlet" and args.moe_router_topk is None:
         raise ValueError("moe_router_topk unset")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    init_single_rank("gloo")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 loop: TF32 tensor cores for GEMMs
+    init_single_rank("nccl" if device.type == "cuda" else "gloo")
     _seed(args.seed)
     tracker = install_metrics_tracker()
     tracker.clear()
 
-    model = build_model_from_args(args)
+    model = build_model_from_args(args).to(device)
     model.train()
     optimizer = _adamw(model, args)
     scheduler = _scheduler(optimizer, args)
@@ -197,11 +206,13 @@ def train_on_cpu(args: argparse.Namespace) -> TrainResult:
     t_start, it_start = time.time(), iteration
     window_loss, window_n = 0.0, 0
     while iteration < args.train_iters:
+        t_step = time.time()
         set_router_iteration(model, iteration)
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for m in range(num_micro):
-            batch = _batch(train_ds, consumed + m * args.micro_batch_size, args.micro_batch_size)
+            batch = batch_from_dataset(train_ds, consumed + m * args.micro_batch_size,
+                                       args.micro_batch_size, device)
             loss = _micro_batch_loss(model, batch) / num_micro
             loss.backward()
             step_loss += loss.item()
@@ -219,6 +230,14 @@ def train_on_cpu(args: argparse.Namespace) -> TrainResult:
                                     num_layers=args.num_layers,
                                     moe_layer_freq=args.moe_layer_freq,
                                     mtp_num_layers=args.mtp_num_layers)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        row = {"iteration": iteration, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"],
+               "step_seconds": time.time() - t_step}
+        row.update({name: [float(v) for v in tracker.last_per_layer[name][[n - 1 for n in
+                                                                           moe_layers]]]
+                    for name in tracker.last_per_layer})
+        result.history.append(row)
         if writer is not None:
             writer.add_scalar("lm loss", step_loss, iteration)
             writer.add_scalar("learning-rate", optimizer.param_groups[0]["lr"], iteration)
@@ -244,7 +263,7 @@ def train_on_cpu(args: argparse.Namespace) -> TrainResult:
         if valid_ds is not None and args.eval_interval and args.eval_iters and (
             iteration % args.eval_interval == 0 or iteration == args.train_iters
         ):
-            val = _evaluate(model, valid_ds, args)
+            val = _evaluate(model, valid_ds, args, device)
             tracker.clear()  # eval forwards recorded eval-mode routing; not this step's metrics
             result.valid_losses[iteration] = val
             _log(f" validation loss at iteration {iteration}: {val:.4f} | ppl "

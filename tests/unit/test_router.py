@@ -24,10 +24,11 @@ def router_factory(megatron_single_rank):
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     get_moe_metrics_tracker().clear()
 
-    def make(**dirmoe_overrides):
+    def make(megatron_overrides=None, **dirmoe_overrides):
         cfg = DirMoEConfig(schedule_iters=100, **dirmoe_overrides)
         torch.manual_seed(0)
-        router = DirichletRouter(tiny_transformer_config(), dirmoe_config=cfg)
+        router = DirichletRouter(tiny_transformer_config(**(megatron_overrides or {})),
+                                 dirmoe_config=cfg)
         router.set_layer_number(1)
         return router
 
@@ -166,3 +167,53 @@ def test_router_requires_a_schedule_horizon(megatron_single_rank):
         DirichletRouter(tiny_transformer_config(), dirmoe_config=DirMoEConfig())
     with pytest.raises(ValueError, match="--dirmoe-target-k"):
         DirichletRouter(tiny_transformer_config(), dirmoe_config=DirMoEConfig(target_k=9, schedule_iters=5))
+
+
+def test_aux_loss_is_switch_loss_on_normalised_gate_probabilities(router_factory):
+    """--moe-router-load-balancing-type aux_loss: on top of the DirMoE losses the router gets
+    the gradient of coeff * E / (T k) * sum_e load_e * sum_t pi_te / sum_j pi_tj."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    coeff = 0.5
+    hidden = torch.randn(8, 4, H)
+    plain = router_factory(target_k=2)
+    plain.set_iteration(10)
+    base_w, base_b = _aux_grads(plain, hidden)
+    router = router_factory(
+        {"moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": coeff}, target_k=2
+    )
+    router.set_iteration(10)
+    grad_w, grad_b = _aux_grads(router, hidden)
+
+    weight = router.weight.detach().clone().requires_grad_()
+    bias = router.spike_bias.detach().clone().requires_grad_()
+    torch.manual_seed(0)
+    logits = hidden.reshape(-1, H) @ weight.T
+    cfg = router.dirmoe_config
+    res = route(
+        logits[:, :E], logits[:, E:], bias, tau=router.temperature,
+        posterior_scale=cfg.posterior_scale, alpha_floor=cfg.alpha_floor,
+        alpha_ceiling=cfg.alpha_ceiling, leak=cfg.leak, route_threshold=cfg.route_threshold,
+        max_active=router.max_active, training=True,
+    )
+    num_tokens = logits.shape[0]
+    load = res.routing_map_TE.sum(0).float()
+    scores = res.gate_prob_TE / res.gate_prob_TE.sum(-1, keepdim=True)
+    switch = coeff * E / (num_tokens * num_tokens * 2) * (load * scores.sum(0)).sum()
+    switch.backward()
+    torch.testing.assert_close(grad_w - base_w, weight.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad_b - base_b, bias.grad, rtol=1e-4, atol=1e-7)
+    assert weight.grad.abs().sum() > 0
+    assert "load_balancing_loss" in get_moe_metrics_tracker().metrics
+    get_moe_metrics_tracker().clear()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"moe_router_enable_expert_bias": True, "moe_router_score_function": "sigmoid"},
+     "--moe-router-enable-expert-bias"),
+    ({"moe_router_load_balancing_type": "seq_aux_loss", "moe_aux_loss_coeff": 1e-2},
+     "seq_aux_loss"),
+])
+def test_unsupported_megatron_balancing_fails_at_build(router_factory, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        router_factory(overrides)

@@ -1,0 +1,90 @@
+"""scripts/compare_routers.py: aggregation on synthetic records, and a short end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_routers.py"
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare_routers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(router, seed, k, active_end, loss, dirmoe=True, mi=0.1):
+    layer = {"active_experts": active_end, "load_cv": 0.5, "effective_experts": 4.0,
+             "mi_bits": mi, "mi_normalized": mi / 3, "routing_entropy_bits": 1.0,
+             "load_fraction": [0.125] * 8, "layer": 1}
+    return {"router": router, "label": router, "target_k": k, "dirmoe": dirmoe, "seed": seed,
+            "heldout_loss": loss, "tokens_per_s": 1000.0 + seed,
+            "train_active_end": active_end if dirmoe else None,
+            "fallback_end": 0.0 if dirmoe else None, "capped_end": 0.0 if dirmoe else None,
+            "layers": [layer, dict(layer, layer=2, mi_bits=3 * mi)]}
+
+
+def test_summary_means_spread_and_error_against_k(compare):
+    records = [_record("d2", 1, 2, 2.2, 5.0), _record("d2", 2, 2, 1.8, 5.2),
+               _record("t1", 1, 1, 1.0, 5.1, dirmoe=False)]
+    rows = {row["router"]: row for row in compare.summarize(records)}
+    d2 = rows["d2"]
+    assert d2["seeds"] == 2
+    assert d2["heldout_loss"] == pytest.approx(5.1)
+    assert d2["heldout_loss_std"] == pytest.approx(math.sqrt(0.02))  # sample std of 5.0, 5.2
+    assert d2["train_active"] == pytest.approx(2.0)
+    assert d2["active_error_pct"] == pytest.approx(0.0)
+    assert d2["active_error_pct_std"] == pytest.approx(math.sqrt(200.0))  # +10%, -10%
+    assert d2["mi_bits"] == pytest.approx(0.2)  # mean over layers 0.1 and 0.3
+    t1 = rows["t1"]
+    assert t1["train_active"] == 1.0 and t1["active_error_pct"] == 0.0  # TopK: exactly k
+    assert math.isnan(t1["fallback"])
+    table = compare.markdown_table(list(rows.values()))
+    assert "| d2 | 2 | 5.100 ± 0.141 |" in table
+    assert "| t1 | 1 |" in table and "–" in table
+
+
+def test_router_flags_use_the_one_entry_point(compare):
+    from megatron_dirmoe.training.arguments import parse_pretrain_args
+
+    for name, spec in compare.routers("1e-2").items():
+        args = parse_pretrain_args(["--preset", "tiny", *spec.flags, "--dirmoe-device", "cpu"],
+                                   validate=False)
+        assert args.dirmoe_router == ("dirichlet" if spec.dirmoe else "topk"), name
+        if not spec.dirmoe:
+            assert args.moe_router_topk == spec.target_k, name
+
+
+def test_short_comparison_end_to_end(compare, tmp_path):
+    """Two routers, 3 steps each: records, table and all four pictures are written."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    compare.main(["--out", str(out), "--work", str(work), "--routers", "dirmoe-k2",
+                  "softmax-top1", "--seeds", "7", "--jobs", "2", "--",
+                  "--train-iters", "3", "--eval-interval", "3", "--eval-iters", "1",
+                  "--log-interval", "1"])
+    for name in ("results.md", "results.json", "loss_curves.png", "active_experts.png",
+                 "schedules.png", "expert_load.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = {r["router"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"dirmoe-k2", "softmax-top1"}
+    assert rows["softmax-top1"]["eval_active"] == 1.0  # TopK routes exactly k on held-out data
+    assert 1.0 <= rows["dirmoe-k2"]["eval_active"] <= 8.0
+    for row in rows.values():
+        assert math.isfinite(row["heldout_loss"]) and 5.0 < row["heldout_loss"] < 9.0
+        assert 1.0 <= row["effective_experts"] <= 8.0
+    record = json.loads((work / "records" / "dirmoe-k2_seed7.json").read_text())
+    assert [h["iteration"] for h in record["history"]] == [1, 2, 3]
+    assert len(record["history"][0]["dirmoe/active_experts"]) == 4  # one value per MoE layer
+    assert record["heldout_tokens"] == 256 * 128
+    # Rerunning reuses the records instead of training again.
+    compare.main(["--out", str(out), "--work", str(work), "--routers", "dirmoe-k2",
+                  "softmax-top1", "--seeds", "7", "--render-only"])
