@@ -8,7 +8,7 @@ training, each run is analysed on held-out tokens (the embedded corpus' *test* s
 run and no setting here ever looked at) with `megatron_dirmoe.routing_analysis`.
 
     python scripts/compare_routers.py --preset cpu-small     # 2 CPU cores, < 20 min
-    python scripts/compare_routers.py --preset gpu-small     # one H100, < 10 min
+    python scripts/compare_routers.py --preset gpu-small     # one GPU (not run yet)
 
 Writes ``<out>/results.md`` (the table), ``results.json`` and four PNGs (loss curves, active
 experts over training, tau_z / lambda_p, per-layer expert load); ``<out>`` defaults to
@@ -106,18 +106,20 @@ PRESETS = {
         "cpu", ("--preset", "tiny"), seeds=(1234, 1235), jobs=2, heldout_sequences=256,
         bias_rate="1e-2",
     ),
-    # 8 layers, hidden 512, 8 experts, seq 512, 1,500 steps of 16k tokens, one run at a time.
+    # 8 layers, hidden 512, 8 experts, seq 256, 600 steps of 8,192 tokens; four runs share the
+    # GPU at a time (small models leave most of an H100 idle). Sized to fit the 8 routers in one
+    # 10-minute device call by estimate; not measured yet.
     "gpu-small": Preset(
-        "8 layers x 8 experts, hidden 512, seq 512, 1,500 steps x 16,384 tokens, embedded "
+        "8 layers x 8 experts, hidden 512, seq 256, 600 steps x 8,192 tokens, embedded "
         "Shakespeare corpus",
         "cuda",
         ("--preset", "tiny", "--num-layers", "8", "--hidden-size", "512",
          "--num-attention-heads", "8", "--ffn-hidden-size", "1408",
-         "--moe-ffn-hidden-size", "1408", "--seq-length", "512",
-         "--max-position-embeddings", "512", "--micro-batch-size", "32",
-         "--global-batch-size", "32", "--train-iters", "1500", "--lr", "1e-3",
-         "--min-lr", "1e-4", "--eval-interval", "500", "--log-interval", "100"),
-        seeds=(1234,), jobs=1, heldout_sequences=128, bias_rate="1e-3",
+         "--moe-ffn-hidden-size", "1408", "--seq-length", "256",
+         "--max-position-embeddings", "256", "--micro-batch-size", "32",
+         "--global-batch-size", "32", "--train-iters", "600", "--lr", "1e-3",
+         "--min-lr", "1e-4", "--eval-interval", "200", "--log-interval", "50"),
+        seeds=(1234,), jobs=4, heldout_sequences=256, bias_rate="1e-2",
     ),
 }
 
@@ -215,7 +217,7 @@ def _run_all(preset_name: str, preset: Preset, specs: dict[str, RouterSpec], wor
     if not todo:
         return paths
     (work_root / "data").mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if preset.device == "cpu" else 4
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     running: list[tuple[subprocess.Popen, Path, float]] = []
     t_start = time.time()
     done = 0
