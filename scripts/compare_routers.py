@@ -192,7 +192,8 @@ def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: lis
 # ---------------------------------------------------------------------- orchestration
 def _run_all(preset_name: str, preset: Preset, specs: dict[str, RouterSpec], work_root: Path,
              extra: list[str], jobs: int) -> list[Path]:
-    out = work_root
+    """Train every (router, seed) without a record under ``work_root/records``, `jobs` at a
+    time, each in its own process (Megatron's global state is per process)."""
     runs_dir = work_root / "records"
     runs_dir.mkdir(parents=True, exist_ok=True)
     todo, paths = [], []
@@ -201,7 +202,7 @@ def _run_all(preset_name: str, preset: Preset, specs: dict[str, RouterSpec], wor
             path = runs_dir / f"{name}_seed{seed}.json"
             paths.append(path)
             if path.exists():
-                print(f"[compare] reuse {path.relative_to(out)}", flush=True)
+                print(f"[compare] reuse {path.relative_to(work_root)}", flush=True)
                 continue
             work = work_root / "checkpoints" / path.stem
             # A run without a record restarts from scratch (a partial checkpoint would make
@@ -220,7 +221,6 @@ def _run_all(preset_name: str, preset: Preset, specs: dict[str, RouterSpec], wor
     threads = max(1, (os.cpu_count() or 1) // jobs)
     running: list[tuple[subprocess.Popen, Path, float]] = []
     t_start = time.time()
-    done = 0
     while todo or running:
         while todo and len(running) < jobs:
             path, argv, meta = todo.pop(0)
@@ -229,17 +229,17 @@ def _run_all(preset_name: str, preset: Preset, specs: dict[str, RouterSpec], wor
                    "--device", preset.device, "--heldout-sequences",
                    str(preset.heldout_sequences), "--meta", json.dumps(meta), "--"] + argv
             env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-            proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                    env=env, cwd=REPO)
+            with log.open("w") as log_file:  # the child keeps its own descriptor
+                proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                        env=env, cwd=REPO)
             running.append((proc, path, time.time()))
-            print(f"[compare] start {path.stem} (log {log.relative_to(out)})", flush=True)
+            print(f"[compare] start {path.stem} (log {log.relative_to(work_root)})", flush=True)
         time.sleep(2)
         for item in list(running):
             proc, path, started = item
             if proc.poll() is None:
                 continue
             running.remove(item)
-            done += 1
             if proc.returncode != 0 or not path.exists():
                 for other, _, _ in running:
                     other.kill()
