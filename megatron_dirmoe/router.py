@@ -87,6 +87,7 @@ class DirichletRouter(Router):
         # TopKRouter applies it to sigmoid scores, with k = target_k.
         self.routing_type = config.moe_router_load_balancing_type
         self.topk = self.dirmoe_config.target_k
+        self.aux_loss_coeff = TopKRouter.get_aux_loss_coeff(self, "aux_loss")
         for kind in ("seq_aux_loss", "global_aux_loss"):
             if TopKRouter.get_aux_loss_coeff(self, kind) > 0:
                 raise ValueError(f"--moe-router-load-balancing-type {kind} is not supported by "
@@ -189,8 +190,14 @@ class DirichletRouter(Router):
                 **self._static_kwargs,
             )
         if with_losses:
-            probs = self._attach_losses(probs, loss_sum, valid_T)
-            probs = self._apply_load_balancing_loss(probs, gate_prob, routing_map, valid_T)
+            # One (possibly all-reduced) count of real tokens serves both losses.
+            num_tokens = (self._global_token_count(probs.shape[0], valid_T)
+                          if self.aux_loss_coeff > 0 or not self.calculate_per_token_loss
+                          else None)
+            probs = self._attach_losses(probs, loss_sum, num_tokens)
+            if self.aux_loss_coeff > 0:
+                probs = self._apply_load_balancing_loss(probs, gate_prob, routing_map, valid_T,
+                                                        num_tokens)
         self._record_metrics(stats, load_E, schedule_2, with_losses)
         return probs, routing_map
 
@@ -216,7 +223,7 @@ class DirichletRouter(Router):
         return _COMPILED_ROUTING_STEP
 
     # ------------------------------------------------------------------ losses
-    def _attach_losses(self, probs, loss_sum, valid_T):
+    def _attach_losses(self, probs, loss_sum, num_tokens):
         """Attach sigma^2 * (beta * KL + lambda * penalty), averaged over real tokens.
 
         Each TP/CP rank holds a shard of the tokens and the router gradients are summed over
@@ -227,25 +234,23 @@ class DirichletRouter(Router):
             # Megatron divides every gradient by the global token count later.
             aux = loss_sum
         else:
-            aux = loss_sum / self._global_token_count(probs.shape[0], valid_T)
+            aux = loss_sum / num_tokens
         if self.is_mtp_layer and self.config.mtp_use_repeated_layer and self.config.mtp_num_layers:
             aux = aux / self.config.mtp_num_layers
         return MoEAuxLossAutoScaler.apply(probs, aux)
 
-    def _apply_load_balancing_loss(self, probs, gate_prob_TE, routing_map_TE, valid_T):
+    def _apply_load_balancing_loss(self, probs, gate_prob_TE, routing_map_TE, valid_T,
+                                   num_tokens):
         """Megatron's aux_loss (Switch) on pi / sum(pi) against the realised routed load."""
-        coeff = TopKRouter.get_aux_loss_coeff(self, "aux_loss")
-        if coeff == 0:
-            return probs
+        coeff = self.aux_loss_coeff
         scores_TE = gate_prob_TE / gate_prob_TE.sum(dim=-1, keepdim=True).clamp(min=1e-20)
         if valid_T is not None:
             scores_TE = scores_TE * valid_T[:, None]
         tokens_per_expert = reduce_from_tensor_model_parallel_region(
             routing_map_TE.sum(dim=0).float(), self.tp_cp_group
         )
-        total = self._global_token_count(probs.shape[0], valid_T)
         aux = switch_load_balancing_loss_func(
-            probs=scores_TE, tokens_per_expert=tokens_per_expert, total_num_tokens=total,
+            probs=scores_TE, tokens_per_expert=tokens_per_expert, total_num_tokens=num_tokens,
             topk=self.topk, num_experts=self.num_experts, moe_aux_loss_coeff=coeff,
         )
         return TopKRouter.attach_and_log_load_balancing_loss(

@@ -106,9 +106,9 @@ def token_classes(token_ids_T: torch.Tensor, num_classes: int = 65) -> torch.Ten
     ids, counts = torch.unique(token_ids_T, return_counts=True)
     order = torch.argsort(counts, descending=True, stable=True)
     frequent = ids[order[: num_classes - 1]]
-    lookup = {int(t): i for i, t in enumerate(frequent.tolist())}
-    return torch.tensor([lookup.get(int(t), num_classes - 1) for t in token_ids_T.tolist()],
-                        dtype=torch.long)
+    lookup = torch.full((int(ids.max()) + 1,), num_classes - 1, dtype=torch.long)
+    lookup[frequent] = torch.arange(frequent.numel())
+    return lookup[token_ids_T]
 
 
 def mutual_information_bits(joint_CX: torch.Tensor) -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -94,7 +95,6 @@ class Preset:
     jobs: int  # runs trained at the same time (each with cores / jobs threads)
     heldout_sequences: int
     bias_rate: str
-    router_names: tuple[str, ...] = field(default=())
 
 
 PRESETS = {
@@ -136,7 +136,7 @@ def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: lis
     )
 
     from megatron_dirmoe.datasets import build_gpt_datasets, num_samples_per_split
-    from megatron_dirmoe.routing_analysis import record_routing, summarize_layer
+    from megatron_dirmoe.routing_analysis import record_routing, summarize_layer, token_classes
     from megatron_dirmoe.training.arguments import parse_pretrain_args
     from megatron_dirmoe.training.cpu_loop import batch_from_dataset, train_on_cpu
 
@@ -157,7 +157,8 @@ def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: lis
     batches = [batch_from_dataset(test_ds, start, min(mbs, count - start), device)
                for start in range(0, count, mbs)]
     layers, heldout_loss = record_routing(result.model, batches)
-    summaries = [summarize_layer(layer) for layer in layers]
+    classes_T = token_classes(layers[0].token_ids_T)  # the same tokens reach every layer
+    summaries = [summarize_layer(layer, classes_T=classes_T) for layer in layers]
 
     history = result.history
     tail = history[-max(1, len(history) // 10):]  # the last 10% of the schedule
@@ -178,29 +179,28 @@ def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: lis
         tokens_per_s=tokens_per_step * sorted(steps_per_s)[len(steps_per_s) // 2],
         valid_losses={str(k): v for k, v in result.valid_losses.items()},
         heldout_loss=heldout_loss,
-        heldout_tokens=sum(layer.routing_map_TE.shape[0] for layer in layers[:1]),
+        heldout_tokens=int(classes_T.numel()),
         train_active_end=tail_mean("dirmoe/active_experts"),
         train_expected_k_end=tail_mean("dirmoe/expected_k"),
         fallback_end=tail_mean("dirmoe/fallback_frac"),
         capped_end=tail_mean("dirmoe/capped_frac"),
         layers=summaries,
-        history=[{k: v for k, v in row.items()} for row in history],
+        history=history,
     )
     record_path.write_text(json.dumps(record))
 
 
 # ---------------------------------------------------------------------- orchestration
 def _run_all(preset_name: str, preset: Preset, specs: dict[str, RouterSpec], work_root: Path,
-             extra: list[str], jobs: int) -> list[Path]:
+             extra: list[str], jobs: int) -> None:
     """Train every (router, seed) without a record under ``work_root/records``, `jobs` at a
     time, each in its own process (Megatron's global state is per process)."""
     runs_dir = work_root / "records"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    todo, paths = [], []
+    todo = []
     for seed in preset.seeds:
         for name, spec in specs.items():
             path = runs_dir / f"{name}_seed{seed}.json"
-            paths.append(path)
             if path.exists():
                 print(f"[compare] reuse {path.relative_to(work_root)}", flush=True)
                 continue
@@ -216,7 +216,7 @@ def _run_all(preset_name: str, preset: Preset, specs: dict[str, RouterSpec], wor
                     "dirmoe": spec.dirmoe, "preset": preset_name, "argv": argv}
             todo.append((path, argv, meta))
     if not todo:
-        return paths
+        return
     (work_root / "data").mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     running: list[tuple[subprocess.Popen, Path, float]] = []
@@ -250,7 +250,6 @@ def _run_all(preset_name: str, preset: Preset, specs: dict[str, RouterSpec], wor
             elapsed = time.time() - t_start
             print(f"[compare] done {path.stem} in {time.time() - started:.0f} s; {left} left, "
                   f"elapsed {elapsed / 60:.1f} min", flush=True)
-    return paths
 
 
 # ---------------------------------------------------------------------- aggregation
@@ -464,9 +463,7 @@ def render(out: Path, work_root: Path, preset_name: str, command: str) -> str:
     records.sort(key=lambda r: (order.index(r["router"]) if r["router"] in order else 99,
                                 r["seed"]))
     rows = summarize(records)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:  # e.g. a bare GPU image: the records are what matters there
+    if importlib.util.find_spec("matplotlib") is None:  # e.g. a bare GPU image
         print("[compare] matplotlib is not installed (pip install 'megatron-dirmoe[compare]'): "
               "table only; redraw with --render-only where it is", flush=True)
         files = []

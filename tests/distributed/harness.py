@@ -107,27 +107,17 @@ class Case:
 
 # ---------------------------------------------------------------------- model pieces
 def _transformer_config(case: Case, tp: int, pp: int, ep: int):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from tiny_config import tiny_transformer_config
 
     dcfg = _dirmoe_config(case)
-    return TransformerConfig(
+    return tiny_transformer_config(
         num_layers=case.num_layers,
         hidden_size=HIDDEN,
-        num_attention_heads=4,
         num_moe_experts=case.num_experts,
         moe_router_topk=dcfg.max_active_for(case.num_experts),
         moe_ffn_hidden_size=48,
         ffn_hidden_size=48,
-        use_cpu_initialization=True,
         moe_token_dispatcher_type=case.dispatcher,
-        moe_router_load_balancing_type="none",
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        normalization="RMSNorm",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
