@@ -88,3 +88,19 @@ def test_short_comparison_end_to_end(compare, tmp_path):
     # Rerunning reuses the records instead of training again.
     compare.main(["--out", str(out), "--work", str(work), "--routers", "dirmoe-k2",
                   "softmax-top1", "--seeds", "7", "--render-only"])
+
+
+def test_diagnose_router_drift_prints_one_row_per_moe_layer(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("diagnose_router_drift",
+                                                  SCRIPT.parent / "diagnose_router_drift.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--preset", "tiny", "--train-iters", "2", "--eval-iters", "0",
+                 "--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"),
+                 "--dirmoe-data-cache", str(tmp_path / "data")])
+    out = capsys.readouterr().out
+    rows = out[out.index("router inputs on"):].splitlines()[2:]
+    assert [int(row.split()[0]) for row in rows] == [1, 2, 3, 4]
+    for row in rows:
+        mean_norm, token_norm = float(row.split()[1]), float(row.split()[2])
+        assert 0 <= mean_norm <= token_norm  # |mean h| <= mean |h| (triangle inequality)
