@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "cli"]
 
 
 def main(argv: Optional[Sequence[str]] = None):
@@ -42,5 +42,12 @@ def main(argv: Optional[Sequence[str]] = None):
     return train_on_cpu(args)
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """Console-script entry (``dirmoe-pretrain``): exit status 0 on success. `main` returns the
+    CPU loop's `TrainResult`, which ``sys.exit`` would print and turn into status 1."""
+    main(sys.argv[1:] if argv is None else argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli())

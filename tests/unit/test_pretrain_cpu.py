@@ -103,3 +103,18 @@ def test_resume_with_a_changed_schedule_names_the_flags(tmp_path, data_cache):
     run(tmp_path, data_cache, "--train-iters", "2", *common)
     with pytest.raises(ValueError, match="--override-opt_param-scheduler"):
         run(tmp_path, data_cache, "--train-iters", "4", *common)
+
+
+def test_console_script_exits_zero_on_success(tmp_path, data_cache):
+    """`dirmoe-pretrain` (pyproject's console script) must exit 0 after a successful run, so
+    `&&` chains and batch schedulers see success."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "import sys; from megatron_dirmoe.pretrain import cli; "
+           "sys.exit(cli())", *TINY, "--train-iters", "2", "--eval-iters", "0",
+           "--save-interval", "2", "--save", str(tmp_path), "--load", str(tmp_path),
+           "--dirmoe-data-cache", data_cache]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "TrainResult(" not in done.stdout + done.stderr
