@@ -90,15 +90,19 @@ def test_short_comparison_end_to_end(compare, tmp_path):
                   "softmax-top1", "--seeds", "7", "--render-only"])
 
 
-def test_diagnose_router_drift_prints_one_row_per_moe_layer(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("diagnose_router_drift",
-                                                  SCRIPT.parent / "diagnose_router_drift.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--preset", "tiny", "--train-iters", "2", "--eval-iters", "0",
-                 "--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"),
-                 "--dirmoe-data-cache", str(tmp_path / "data")])
-    out = capsys.readouterr().out
+def test_diagnose_router_drift_prints_one_row_per_moe_layer(tmp_path):
+    # Its own process: the run installs Megatron global state (args, a 4-layer metrics tracker)
+    # that later in-process tests must not inherit.
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "diagnose_router_drift.py"), "--preset", "tiny",
+         "--train-iters", "2", "--eval-iters", "0", "--save", str(tmp_path / "ckpt"),
+         "--load", str(tmp_path / "ckpt"), "--dirmoe-data-cache", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
     rows = out[out.index("router inputs on"):].splitlines()[2:]
     assert [int(row.split()[0]) for row in rows] == [1, 2, 3, 4]
     for row in rows:
