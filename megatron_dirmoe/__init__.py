@@ -1,7 +1,7 @@
 """megatron_dirmoe: the DirMoE (Dirichlet-routed Mixture of Experts) router for Megatron-Core.
 
 Public API:
-    DirMoEConfig            all router hyperparameters, validated, with the paper's defaults
+    DirMoEConfig            all router hyperparameters, validated, with their defaults
     DirichletRouter         a megatron.core Router subclass implementing DirMoE routing
     get_dirmoe_layer_spec   a GPT layer spec with DirMoE MoE layers (TE or local/CPU modules)
     get_dirmoe_decoder_block_spec   the same for a whole decoder block (moe_layer_freq, PP)

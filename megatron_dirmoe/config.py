@@ -16,13 +16,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["DirMoEConfig", "add_dirmoe_args", "config_from_args", "flag_name"]
+__all__ = ["DirMoEConfig", "RECIPES", "add_dirmoe_args", "config_from_args", "flag_name"]
 
 FLAG_PREFIX = "--dirmoe-"
 
 # r = alpha_hi / alpha_lo used when neither `prior_ratio` nor `prior_mass` is given. The paper notes
 # quote r ~ 39.7 (and alpha_hi = r * alpha_lo ~ 1.99, which holds for alpha_lo = 0.05).
 DEFAULT_PRIOR_RATIO = 39.7
+
+# Named recipes (`--dirmoe-recipe`); the first is the default.
+RECIPES = ("calibrated", "paper")
 
 
 def _doc(text: str, **kwargs: Any):
@@ -34,14 +37,23 @@ def _doc(text: str, **kwargs: Any):
 class DirMoEConfig:
     """Hyperparameters of the DirMoE (Dirichlet-routed MoE) router.
 
-    Defaults follow the paper (Table 4 and Sec. 4; see ``shared/reference``). Construction
+    Defaults follow the paper (Table 4 and Sec. 4) except where the calibrated recipe (the
+    default ``recipe``) adds its own terms; README "The router" lists the sources. Construction
     validates every range that does not depend on the number of experts; call
     :meth:`validate_for` with the number of experts to check the rest (the router and the CLI
     do this at start-up). Frozen: nothing writes to it after construction.
     """
 
+    recipe: str = _doc(
+        "'calibrated': route where the spike gate fires (z >= 1/2, an exact Bernoulli(sigmoid(l)) "
+        "draw), penalise the expected squared miss of that realised count and balance each "
+        "gate's batch firing rate against the prior k/E; 'paper': the paper notes read "
+        "literally (route where the combined weight w >= --dirmoe-route-threshold, penalty "
+        "(sum pi - k)^2, no balance term)",
+        default="calibrated",
+    )
     target_k: int = _doc(
-        "target number of active experts per token k; the expected-k penalty pulls sum(pi) to k "
+        "target number of active experts per token k; the count penalty pulls the count to k "
         "and the spike bias is initialised so that every gate fires with probability k/E",
         default=1,
     )
@@ -50,7 +62,8 @@ class DirMoEConfig:
         default=None,
     )
     route_threshold: float = _doc(
-        "expert i is routed when its combined weight w_i >= this threshold; in (0, 1)",
+        "recipe 'paper' only: expert i is routed when its combined weight w_i >= this "
+        "threshold; in (0, 1)",
         default=0.125,
     )
     renormalize: bool = _doc(
@@ -94,7 +107,19 @@ class DirMoEConfig:
     )
     kl_weight: float = _doc("weight beta_theta of the Dirichlet KL term", default=1e-2)
     sparsity_weight: float = _doc(
-        "weight lambda_sparsity of the expected-k penalty (sum_i pi_i - k)^2", default=1e-2
+        "recipe 'paper' only: weight lambda_sparsity of the expected-k penalty (sum_i pi_i - k)^2",
+        default=1e-2,
+    )
+    count_weight: float = _doc(
+        "recipe 'calibrated' only: weight of the count penalty E[(N - k)^2], the expected "
+        "squared miss of the count N of gates that fire (N = sum_i Bernoulli(pi_i)); >= 0",
+        default=1e-1,
+    )
+    balance_weight: float = _doc(
+        "recipe 'calibrated' only: weight beta_z of the aggregate spike prior "
+        "sum_e KL(Bern(mean_t p_te) || Bern(k/E)) over each micro-batch's tokens (balances the "
+        "load); >= 0",
+        default=1e-1,
     )
     recon_variance: float = _doc(
         "reconstruction variance sigma^2; the KL and sparsity terms are scaled by it", default=1.0
@@ -143,7 +168,9 @@ class DirMoEConfig:
         for name in ("tau_start", "tau_end", "prior_scale_start", "prior_scale_end",
                      "posterior_scale", "alpha_lo", "alpha_floor", "recon_variance", "leak"):
             positive(name)
-        for name in ("kl_weight", "sparsity_weight"):
+        if self.recipe not in RECIPES:
+            bad("recipe", " or ".join(repr(r) for r in RECIPES))
+        for name in ("kl_weight", "sparsity_weight", "count_weight", "balance_weight"):
             non_negative(name)
         if self.prior_scale_schedule not in ("cosine", "exponential"):
             bad("prior_scale_schedule", "'cosine' or 'exponential'")
@@ -188,6 +215,29 @@ class DirMoEConfig:
         return self
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def routing_rule(self) -> str:
+        """The `routing.route` rule of the recipe: 'gate' (calibrated) or 'weight' (paper)."""
+        return "gate" if self.recipe == "calibrated" else "weight"
+
+    @property
+    def fallback_k(self) -> int:
+        """Experts a token gets when none passes the routing rule: its k most likely
+        (calibrated: the routing starts as top-k and stays at k on average) or the argmax
+        (paper)."""
+        return self.target_k if self.recipe == "calibrated" else 1
+
+    @property
+    def effective_balance_weight(self) -> float:
+        """beta_z as applied: the paper recipe has no balance term."""
+        return self.balance_weight if self.recipe == "calibrated" else 0.0
+
+    @property
+    def effective_count_weight(self) -> float:
+        """The weight of the recipe's count penalty: `count_weight` (calibrated) or
+        `sparsity_weight` (paper)."""
+        return self.count_weight if self.recipe == "calibrated" else self.sparsity_weight
+
     def max_active_for(self, num_experts: int) -> int:
         """The cap on active experts per token: ``max_active`` or min(E, 4k)."""
         if self.max_active is not None:
@@ -262,6 +312,13 @@ def config_from_args(args: argparse.Namespace, num_experts: Optional[int] = None
         if value is not None:
             given[f.name] = value
     config = DirMoEConfig(**given)
+    # A flag that the chosen recipe ignores is a mistake worth stopping for.
+    ignored = {"paper": ("balance_weight", "count_weight"),
+               "calibrated": ("route_threshold", "sparsity_weight")}[config.recipe]
+    for name in ignored:
+        if name in given:
+            raise ValueError(f"{flag_name(name)} has no effect with {flag_name('recipe')} "
+                             f"{config.recipe}")
     if num_experts is not None:
         config.validate_for(num_experts)
     return config

@@ -85,6 +85,7 @@ _SUMMARY_COLUMNS = (
     ("max_load", "max_load"),
     ("kl", "kl"),
     ("sparsity_penalty", "sparsity"),
+    ("balance_penalty", "balance"),
 )
 
 

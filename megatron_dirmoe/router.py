@@ -1,7 +1,7 @@
 """`DirichletRouter`: the DirMoE router as a Megatron-Core `Router`.
 
 The math lives in :mod:`megatron_dirmoe.routing`; this adapter only does Megatron plumbing:
-the fp32 gating GEMM, schedules by iteration, attaching the KL and expected-k losses with
+the fp32 gating GEMM, schedules by iteration, attaching the KL, count and balance losses with
 `MoEAuxLossAutoScaler`, padding masks, the z-loss hook, Megatron's optional load-balancing
 loss (aux_loss), and metrics for Megatron's MoE tracker.
 """
@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_dirmoe.config import DirMoEConfig
 from megatron_dirmoe.routing import (
     STAT_NAMES,
+    balance_penalty,
     route,
     routing_regularizers,
     routing_statistics,
@@ -39,7 +40,8 @@ __all__ = ["DirichletRouter", "set_router_iteration", "iter_dirichlet_routers", 
 
 # Per-layer scalars recorded in Megatron's MoE metrics tracker (names end without "loss" so
 # Megatron's `total_loss_dict` handling leaves them alone).
-METRIC_NAMES = tuple(f"dirmoe/{name}" for name in STAT_NAMES) + ("dirmoe/tau", "dirmoe/prior_scale")
+METRIC_NAMES = tuple(f"dirmoe/{name}" for name in STAT_NAMES) + (
+    "dirmoe/tau", "dirmoe/prior_scale", "dirmoe/balance_penalty")
 
 
 class DirichletRouter(Router):
@@ -110,9 +112,12 @@ class DirichletRouter(Router):
             alpha_lo=cfg.alpha_lo,
             prior_ratio=self.prior_ratio,
             target_k=cfg.target_k,
+            rule=cfg.routing_rule,
+            fallback_k=cfg.fallback_k,
             loss_scale_kl=cfg.recon_variance * cfg.kl_weight,
-            loss_scale_sparsity=cfg.recon_variance * cfg.sparsity_weight,
+            loss_scale_sparsity=cfg.recon_variance * cfg.effective_count_weight,
         )
+        self.balance_scale = cfg.recon_variance * cfg.effective_balance_weight
         self.reset_parameters()
 
     # ------------------------------------------------------------------ parameters
@@ -177,7 +182,7 @@ class DirichletRouter(Router):
         schedule_2 = torch.empty(2, dtype=torch.float32, device=logits.device)
         schedule_2.fill_(tau)[1].fill_(prior_scale)
         with self._noise_rng():
-            probs, routing_map, loss_sum, stats, load_E, gate_prob = self._step_fn(
+            probs, routing_map, loss_sum, stats, load_E, gate_prob, gate_prob_sum_E = self._step_fn(
                 spike_logits.device)(
                 spike_logits,
                 slab_logits,
@@ -189,16 +194,17 @@ class DirichletRouter(Router):
                 with_losses=with_losses,
                 **self._static_kwargs,
             )
+        balance = None
         if with_losses:
-            # One (possibly all-reduced) count of real tokens serves both losses.
-            num_tokens = (self._global_token_count(probs.shape[0], valid_T)
-                          if self.aux_loss_coeff > 0 or not self.calculate_per_token_loss
-                          else None)
-            probs = self._attach_losses(probs, loss_sum, num_tokens)
+            # One (possibly all-reduced) count of real tokens serves every loss.
+            num_tokens = self._global_token_count(probs.shape[0], valid_T)
+            if self.balance_scale > 0:
+                balance = self._balance_penalty(gate_prob_sum_E, valid_T, num_tokens)
+            probs = self._attach_losses(probs, loss_sum, num_tokens, balance)
             if self.aux_loss_coeff > 0:
                 probs = self._apply_load_balancing_loss(probs, gate_prob, routing_map, valid_T,
                                                         num_tokens)
-        self._record_metrics(stats, load_E, schedule_2, with_losses)
+        self._record_metrics(stats, load_E, schedule_2, with_losses, balance)
         return probs, routing_map
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -223,8 +229,31 @@ class DirichletRouter(Router):
         return _COMPILED_ROUTING_STEP
 
     # ------------------------------------------------------------------ losses
-    def _attach_losses(self, probs, loss_sum, num_tokens):
-        """Attach sigma^2 * (beta * KL + lambda * penalty), averaged over real tokens.
+    def _balance_penalty(self, gate_prob_sum_E, valid_T, num_tokens):
+        """The aggregate spike prior on the gates' firing rates over the micro-batch's real tokens.
+
+        The rates are a statistic of the whole micro-batch across TP x CP x DP (as Megatron's
+        global aux loss reduces its statistics over `tp_dp_cp`), so the value does not depend on
+        the layout. The gradient flows through this rank's tokens only, scaled like the other
+        losses (divided by the TP x CP token count): router gradients are then summed over TP x
+        CP and averaged over DP, which gives the single-rank gradient.
+        """
+        local_mean_E = gate_prob_sum_E / num_tokens
+        group = self.tp_dp_cp_group
+        if group is None or group.size() == 1:
+            return balance_penalty(local_mean_E, self.dirmoe_config.target_k)
+        # Real tokens on this rank, reduced with the sums in one all-reduce.
+        count_1 = (valid_T.sum().float().view(1) if valid_T is not None
+                   else gate_prob_sum_E.new_full((1,), float(num_tokens / self.tp_cp_group.size())))
+        stats = torch.cat([gate_prob_sum_E.detach(), count_1])
+        torch.distributed.all_reduce(stats, group=group)
+        global_mean_E = stats[:-1] / stats[-1].clamp(min=1.0)
+        mean_E = local_mean_E + (global_mean_E - local_mean_E).detach()
+        return balance_penalty(mean_E, self.dirmoe_config.target_k)
+
+    def _attach_losses(self, probs, loss_sum, num_tokens, balance=None):
+        """Attach sigma^2 * (beta * KL + lambda * penalty), averaged over real tokens, plus
+        sigma^2 * beta_z * the balance penalty.
 
         Each TP/CP rank holds a shard of the tokens and the router gradients are summed over
         TP/CP, so each rank contributes its local sum divided by the *global* token count; the
@@ -233,8 +262,12 @@ class DirichletRouter(Router):
         if self.calculate_per_token_loss:
             # Megatron divides every gradient by the global token count later.
             aux = loss_sum
+            if balance is not None:
+                aux = aux + self.balance_scale * balance * num_tokens
         else:
             aux = loss_sum / num_tokens
+            if balance is not None:
+                aux = aux + self.balance_scale * balance
         if self.is_mtp_layer and self.config.mtp_use_repeated_layer and self.config.mtp_num_layers:
             aux = aux / self.config.mtp_num_layers
         return MoEAuxLossAutoScaler.apply(probs, aux)
@@ -269,7 +302,7 @@ class DirichletRouter(Router):
 
     # ------------------------------------------------------------------ metrics
     @torch.no_grad()
-    def _record_metrics(self, stats, load_E, schedule_2, with_losses) -> None:
+    def _record_metrics(self, stats, load_E, schedule_2, with_losses, balance=None) -> None:
         if self.expert_load.device != load_E.device:
             self.expert_load = self.expert_load.to(load_E.device)
         self.expert_load += load_E
@@ -290,6 +323,8 @@ class DirichletRouter(Router):
             record(f"dirmoe/{name}", stats[index])
         record("dirmoe/tau", schedule_2[0])
         record("dirmoe/prior_scale", schedule_2[1])
+        if balance is not None:
+            record("dirmoe/balance_penalty", balance.detach())
 
     def pop_expert_load(self) -> torch.Tensor:
         """Tokens routed to each expert since the last call (local rank), then reset."""
@@ -323,6 +358,8 @@ def _routing_step(
     alpha_lo: float,
     prior_ratio: float,
     target_k: int,
+    rule: str,
+    fallback_k: int,
     loss_scale_kl: float,
     loss_scale_sparsity: float,
 ):
@@ -341,13 +378,15 @@ def _routing_step(
         max_active=max_active,
         renormalize=renormalize,
         training=training,
+        rule=rule,
+        fallback_k=fallback_k,
     )
     probs_TE, routing_map_TE = result.probs_TE, result.routing_map_TE
     if valid_T is not None:
         # Padded tokens go to no expert: they add no load and no loss.
         routing_map_TE = routing_map_TE & valid_T[:, None]
         probs_TE = probs_TE * valid_T[:, None]
-    loss_sum = kl_T = sparsity_T = None
+    loss_sum = kl_T = sparsity_T = gate_prob_sum_E = None
     if with_losses:
         kl_T, sparsity_T = routing_regularizers(
             result,
@@ -357,11 +396,15 @@ def _routing_step(
             alpha_floor=alpha_floor,
             alpha_ceiling=alpha_ceiling,
             target_k=target_k,
+            rule=rule,
         )
         per_token_T = loss_scale_kl * kl_T + loss_scale_sparsity * sparsity_T
+        gate_prob_TE = result.gate_prob_TE
         if valid_T is not None:
             per_token_T = per_token_T * valid_T
+            gate_prob_TE = gate_prob_TE * valid_T[:, None]
         loss_sum = per_token_T.sum()
+        gate_prob_sum_E = gate_prob_TE.sum(dim=0)
     stats, load_E = routing_statistics(
         result,
         routing_map_TE,
@@ -371,8 +414,11 @@ def _routing_step(
         route_threshold=route_threshold,
         leak=leak,
         max_active=max_active,
+        rule=rule,
+        fallback_k=fallback_k,
     )
-    return probs_TE, routing_map_TE, loss_sum, stats, load_E, result.gate_prob_TE
+    return (probs_TE, routing_map_TE, loss_sum, stats, load_E, result.gate_prob_TE,
+            gate_prob_sum_E)
 
 
 # ---------------------------------------------------------------------- helpers

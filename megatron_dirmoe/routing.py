@@ -17,7 +17,10 @@ from typing import Optional
 import torch
 
 __all__ = [
+    "RULES",
     "RoutingResult",
+    "bernoulli_kl",
+    "balance_penalty",
     "cosine_schedule",
     "exponential_schedule",
     "spike_bias_init",
@@ -30,6 +33,18 @@ __all__ = [
 
 # Keeps U ~ Uniform(0, 1) away from 0 and 1 so the logistic noise log U - log(1 - U) stays finite.
 _UNIFORM_EPS = 1e-6
+
+# Routing rules (which experts a token goes to):
+# - "gate":   expert i is active when its gate is more likely on than off, pi_i = sigmoid(l_i / tau)
+#             >= 1/2 (l_i >= 0): the mode of the spike, in training and evaluation alike, so the
+#             count trained is the count served. The forward weight of an active expert is its
+#             slab share theta_i renormalised over the active set; the gradient reaches the spike
+#             logits through a relaxed Bernoulli(pi) sample z = sigmoid((l / tau + g) / tau)
+#             (straight-through: forward 1, backward dz/dl). Used by the calibrated recipe.
+# - "weight": z = sigmoid((l + g) / tau) and expert i is active when the combined weight
+#             w_i >= route_threshold: the paper notes read literally (there the slab decides as
+#             much as the spike, and P(z_i >= 1/2) = sigmoid(l_i) is not pi once tau != 1).
+RULES = ("gate", "weight")
 
 
 # ---------------------------------------------------------------------- schedules
@@ -68,6 +83,27 @@ def dirichlet_kl(alpha_q_TE: torch.Tensor, alpha_p_TE: torch.Tensor) -> torch.Te
     )
 
 
+# ---------------------------------------------------------------------- Bernoulli KL
+def bernoulli_kl(p: torch.Tensor, q: float | torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(Bern(p) || Bern(q)); p is clamped to (1e-6, 1 - 1e-6) so 0 and 1 are finite."""
+    p = p.clamp(1e-6, 1.0 - 1e-6)
+    q = torch.as_tensor(q, dtype=p.dtype, device=p.device)
+    return p * (torch.log(p) - torch.log(q)) + (1.0 - p) * (torch.log1p(-p) - torch.log1p(-q))
+
+
+def balance_penalty(mean_gate_prob_E: torch.Tensor, target_k: int) -> torch.Tensor:
+    """Aggregate spike prior: sum_e KL(Bern(mean_t p_te) || Bern(k / E)).
+
+    The per-token KL of a spike posterior against its prior splits into the mutual information
+    between token and gate plus this KL of the *aggregate* posterior against the prior. Keeping
+    only the aggregate part asks every gate to fire for a k/E share of the tokens (balanced load)
+    without pulling individual tokens back to the prior (which would erase specialisation).
+    """
+    num_experts = mean_gate_prob_E.shape[-1]
+    prior = min(target_k / num_experts, 1.0 - 1e-6)
+    return bernoulli_kl(mean_gate_prob_E.float(), prior).sum(-1)
+
+
 # ---------------------------------------------------------------------- routing
 @dataclass
 class RoutingResult:
@@ -79,7 +115,7 @@ class RoutingResult:
     gate_TE: torch.Tensor  # z: relaxed Bernoulli sample (training) or pi (eval)
     alpha_q_TE: torch.Tensor  # posterior Dirichlet concentration
     weights_TE: torch.Tensor  # w: combined, leaked and normalised weights (sum to 1)
-    fallback_T: torch.Tensor  # bool [T]: no expert passed the threshold -> argmax fallback
+    fallback_T: torch.Tensor  # bool [T]: no expert passed the rule -> fallback (top fallback_k)
     capped_T: torch.Tensor  # bool [T]: more than max_active passed -> cut to the largest
 
 
@@ -98,14 +134,20 @@ def route(
     renormalize: bool = True,
     training: bool = True,
     generator: Optional[torch.Generator] = None,
+    rule: str = "weight",
+    fallback_k: int = 1,
 ) -> RoutingResult:
-    """DirMoE routing for a batch of tokens (DESIGN.md section 3, steps 2-6 and 8).
+    """DirMoE routing for a batch of tokens.
 
     Training draws the spike with Gumbel-Sigmoid noise and the slab with a reparameterised
-    Dirichlet sample; evaluation (``training=False``) is deterministic: z = pi and theta is the
-    Dirichlet mean. `tau` may be a 0-d tensor (so a compiled caller does not recompile when the
-    schedule moves).
+    Dirichlet sample; evaluation (``training=False``) is deterministic: z = pi = sigmoid(l / tau)
+    and theta is the Dirichlet mean. `rule` picks the active set (see `RULES`); `route_threshold`
+    applies to rule "weight" only; `fallback_k` experts (largest score) go to a token where no
+    expert passes the rule. `tau` may be a 0-d tensor (so a compiled caller does not
+    recompile when the schedule moves).
     """
+    if rule not in RULES:
+        raise ValueError(f"unknown routing rule {rule!r}; allowed {RULES}")
     spike_logits_TE = spike_logits_TE.float()
     slab_logits_TE = slab_logits_TE.float()
 
@@ -120,7 +162,11 @@ def route(
             logits_TE.shape, device=logits_TE.device, dtype=torch.float32, generator=generator
         ).clamp_(_UNIFORM_EPS, 1.0 - _UNIFORM_EPS)
         noise_TE = torch.log(u_TE) - torch.log1p(-u_TE)
-        gate_TE = torch.sigmoid((logits_TE + noise_TE) / tau)
+        if rule == "gate":
+            # A relaxed Bernoulli(pi) sample: logit l / tau, relaxation temperature tau.
+            gate_TE = torch.sigmoid((logits_TE / tau + noise_TE) / tau)
+        else:
+            gate_TE = torch.sigmoid((logits_TE + noise_TE) / tau)
     else:
         gate_TE = gate_prob_TE
 
@@ -138,25 +184,24 @@ def route(
     mixed_TE = gate_TE * theta_TE + leak
     weights_TE = mixed_TE / mixed_TE.sum(dim=-1, keepdim=True)
 
-    # 5. Routing map: threshold, at most `max_active` (largest w), at least one (argmax w).
+    # 5. Routing map: the rule's active set, at most `max_active` (largest score); a token where
+    #    none passes gets its `fallback_k` largest. Rule "gate" scores by pi, rule "weight" by w.
+    score_TE = gate_prob_TE if rule == "gate" else weights_TE
+    threshold = 0.5 if rule == "gate" else route_threshold
     with torch.no_grad():
-        over_TE = weights_TE >= route_threshold
-        num_over_T = over_TE.sum(dim=-1)
-        num_experts = weights_TE.shape[-1]
-        if max_active < num_experts:
-            top_idx_TM = torch.topk(weights_TE, max_active, dim=-1).indices
-            top_TE = torch.zeros_like(over_TE).scatter_(1, top_idx_TM, True)
-            routing_map_TE = over_TE & top_TE
-        else:
-            routing_map_TE = over_TE.clone()
-        argmax_T = weights_TE.argmax(dim=-1, keepdim=True)
-        routing_map_TE.scatter_(1, argmax_T, True)
-        fallback_T = num_over_T == 0
-        capped_T = num_over_T > max_active
+        routing_map_TE, fallback_T, capped_T = _active_set(score_TE, threshold, max_active,
+                                                           fallback_k)
 
-    probs_TE = weights_TE * routing_map_TE
-    if renormalize:
-        probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
+    if rule == "gate":
+        theta_active_TE = theta_TE * routing_map_TE
+        if renormalize:
+            theta_active_TE = theta_active_TE / theta_active_TE.sum(dim=-1, keepdim=True)
+        # Straight-through gate: 1 on the active set in the forward, dz/dl in the backward.
+        probs_TE = (routing_map_TE.float() + gate_TE - gate_TE.detach()) * theta_active_TE
+    else:
+        probs_TE = weights_TE * routing_map_TE
+        if renormalize:
+            probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
 
     return RoutingResult(
         probs_TE=probs_TE,
@@ -170,6 +215,49 @@ def route(
     )
 
 
+def _active_set(score_TE: torch.Tensor, threshold: float, max_active: int, fallback_k: int = 1):
+    """Experts with score >= threshold, cut to the `max_active` largest; a row where none passes
+    falls back to its `fallback_k` largest. Returns (routing_map [T, E] bool, fallback [T],
+    capped [T])."""
+    over_TE = score_TE >= threshold
+    num_over_T = over_TE.sum(dim=-1)
+    num_experts = score_TE.shape[-1]
+    if max_active < num_experts:
+        top_idx_TM = torch.topk(score_TE, max_active, dim=-1).indices
+        top_TE = torch.zeros_like(over_TE).scatter_(1, top_idx_TM, True)
+        routing_map_TE = over_TE & top_TE
+    else:
+        routing_map_TE = over_TE.clone()
+    fallback_T = num_over_T == 0
+    # Only rows where nothing passed get the fallback: with saturated (tied) scores the argmax
+    # may differ from topk's choice, and adding it elsewhere would exceed max_active.
+    fallback_idx_TK = torch.topk(score_TE, fallback_k, dim=-1).indices
+    fallback_TE = torch.zeros_like(over_TE).scatter_(1, fallback_idx_TK, True)
+    routing_map_TE |= fallback_TE & fallback_T[:, None]
+    return routing_map_TE, fallback_T, num_over_T > max_active
+
+
+def eval_active_count(
+    result: RoutingResult,
+    *,
+    route_threshold: float,
+    leak: float,
+    max_active: int,
+    rule: str = "weight",
+    fallback_k: int = 1,
+) -> torch.Tensor:
+    """Active experts per token [T] that the deterministic (eval) path gives for the same
+    logits, from a (possibly training-mode) `RoutingResult`."""
+    if rule == "gate":
+        over_T = (result.gate_prob_TE >= 0.5).sum(dim=-1)
+    else:
+        mean_theta_TE = result.alpha_q_TE / result.alpha_q_TE.sum(dim=-1, keepdim=True)
+        mixed_TE = result.gate_prob_TE * mean_theta_TE + leak
+        eval_weights_TE = mixed_TE / mixed_TE.sum(dim=-1, keepdim=True)
+        over_T = (eval_weights_TE >= route_threshold).sum(dim=-1)
+    return torch.where(over_T == 0, fallback_k, over_T).clamp(max=max_active)
+
+
 def routing_regularizers(
     result: RoutingResult,
     *,
@@ -179,18 +267,26 @@ def routing_regularizers(
     alpha_floor: float,
     alpha_ceiling: float,
     target_k: int,
+    rule: str = "weight",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token Dirichlet KL against the spike-dependent prior, and the expected-k penalty.
+    """Per-token Dirichlet KL against the spike-dependent prior, and the count penalty.
 
     Prior: alpha_p,i = max(lambda_p * (alpha_lo + (alpha_hi - alpha_lo) * z_i), floor) with
-    alpha_hi = r * alpha_lo. Returns (kl_T, sparsity_T), both [T] fp32, unweighted.
+    alpha_hi = r * alpha_lo. Count penalty, rule "weight": the expected-k penalty
+    (sum_i pi_i - k)^2. Rule "gate": the expected squared miss of the realised count,
+    E[(N - k)^2] = (sum_i pi_i - k)^2 + sum_i pi_i (1 - pi_i) for N = sum_i Bernoulli(pi_i), which
+    is zero only when exactly k gates are certain to fire (calibrated *and* decisive per token).
+    Returns (kl_T, sparsity_T), both [T] fp32, unweighted.
     """
     alpha_hi = prior_ratio * alpha_lo
     alpha_p_TE = (prior_scale * (alpha_lo + (alpha_hi - alpha_lo) * result.gate_TE)).clamp(
         alpha_floor, alpha_ceiling
     )
     kl_T = dirichlet_kl(result.alpha_q_TE, alpha_p_TE)
-    sparsity_T = (result.gate_prob_TE.sum(dim=-1) - target_k) ** 2
+    p_TE = result.gate_prob_TE
+    sparsity_T = (p_TE.sum(dim=-1) - target_k) ** 2
+    if rule == "gate":
+        sparsity_T = sparsity_T + (p_TE * (1.0 - p_TE)).sum(dim=-1)
     return kl_T, sparsity_T
 
 
@@ -220,6 +316,8 @@ def routing_statistics(
     route_threshold: float,
     leak: float,
     max_active: int,
+    rule: str = "weight",
+    fallback_k: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing-health statistics over real (non-padded) tokens, as one vector (see
     `STAT_NAMES`) plus the routed-token count per expert [E].
@@ -239,10 +337,9 @@ def routing_statistics(
         num_valid = weight_T.sum().clamp(min=1.0)
         active_T = routing_map_TE.sum(dim=-1).float()
 
-        mean_theta_TE = result.alpha_q_TE / result.alpha_q_TE.sum(dim=-1, keepdim=True)
-        mixed_TE = result.gate_prob_TE * mean_theta_TE + leak
-        eval_weights_TE = mixed_TE / mixed_TE.sum(dim=-1, keepdim=True)
-        eval_active_T = (eval_weights_TE >= route_threshold).sum(dim=-1).clamp(1, max_active)
+        eval_active_T = eval_active_count(result, route_threshold=route_threshold,
+                                          leak=leak, max_active=max_active, rule=rule,
+                                          fallback_k=fallback_k)
 
         zeros_T = torch.zeros_like(weight_T)
         per_token_TS = torch.stack(

@@ -3,7 +3,7 @@
 
 Both routers see the same tokens (same hidden states, same T, E, hidden size and dtype). The
 TopK baseline is Megatron's softmax top-k with the load-balancing aux loss; DirMoE runs its
-training path (Gumbel-Sigmoid spike, Dirichlet slab, KL + expected-k losses).
+training path (Gumbel-Sigmoid spike, Dirichlet slab, KL + count + balance losses).
 
     python scripts/bench_router.py                         # CPU, small sizes
     python scripts/bench_router.py --device cuda --tokens 32768 --experts 8 64 --hidden 1024

@@ -94,6 +94,8 @@ def hf_config_from_megatron(model, config, dirmoe_config, iteration: int, **extr
         router_threshold=dirmoe_config.route_threshold,
         router_max_active=dirmoe_config.max_active_for(E),
         router_renormalize=dirmoe_config.renormalize,
+        router_rule=dirmoe_config.routing_rule,
+        router_fallback_k=dirmoe_config.fallback_k,
         tie_word_embeddings=model.share_embeddings_and_output_weights,
         architectures=["DirMoEForCausalLM"],
         auto_map=dict(AUTO_MAP),

@@ -60,6 +60,8 @@ class DirMoEHFConfig(PretrainedConfig):
         router_threshold: float = 0.125,
         router_max_active: Optional[int] = None,
         router_renormalize: bool = True,
+        router_rule: str = "gate",
+        router_fallback_k: Optional[int] = None,
         initializer_range: float = 0.02,
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
@@ -96,6 +98,11 @@ class DirMoEHFConfig(PretrainedConfig):
         self.router_threshold = router_threshold
         self.router_max_active = router_max_active or min(num_experts, 4 * router_target_k)
         self.router_renormalize = router_renormalize
+        # `routing.route`'s rule: "gate" (calibrated recipe) or "weight" (paper recipe).
+        self.router_rule = router_rule
+        # Experts a token gets when no gate passes: k (calibrated recipe) or 1 (paper recipe).
+        self.router_fallback_k = router_fallback_k or (
+            router_target_k if router_rule == "gate" else 1)
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self._validate()
@@ -116,6 +123,11 @@ class DirMoEHFConfig(PretrainedConfig):
             raise ValueError(
                 f"moe_layers {bad} outside [0, num_hidden_layers={self.num_hidden_layers})"
             )
+        if self.router_rule not in ("gate", "weight"):
+            raise ValueError(f"router_rule={self.router_rule!r}: allowed 'gate', 'weight'")
+        if not 1 <= self.router_fallback_k <= self.router_max_active:
+            raise ValueError(f"router_fallback_k={self.router_fallback_k}: allowed "
+                             f"1..router_max_active={self.router_max_active}")
         if not 1 <= self.router_max_active <= self.num_experts:
             raise ValueError(
                 f"router_max_active={self.router_max_active}: allowed "

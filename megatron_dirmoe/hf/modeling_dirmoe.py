@@ -2,7 +2,7 @@
 
 Same architecture as `megatron_dirmoe.model.build_gpt_model` (pre-norm decoder, RMSNorm or
 LayerNorm, RoPE, GQA, gated or plain MLP, MoE layers at `config.moe_layers`, optional shared
-expert) with the DirMoE router's deterministic evaluation path (DESIGN.md section 3, step 8).
+expert) with the DirMoE router's deterministic evaluation path (`routing.route(training=False)`).
 The routing math is not re-implemented here: it is imported from `dirmoe_routing`, which is
 `megatron_dirmoe/routing.py` (re-exported inside the package, copied verbatim into exported
 folders), so training and inference cannot drift apart.
@@ -152,6 +152,8 @@ class DirMoERouter(nn.Module):
             route_threshold=config.router_threshold,
             max_active=config.router_max_active,
             renormalize=config.router_renormalize,
+            rule=config.router_rule,
+            fallback_k=config.router_fallback_k,
             training=False,
         )
 

@@ -5,7 +5,7 @@ CUDA streams/events in the all-to-all dispatcher, forks the CUDA RNG tracker in 
 under tensor parallelism, and hands all-to-all split sizes over as tensors (the CUDA path turns
 them into host arrays on a side stream), and gathers uneven token counts across TP, which gloo
 cannot do natively. None of that is about the maths we test, so this shim
-redirects each of those points to the CPU (DESIGN.md section 2). It must never be imported by the
+redirects each of those points to the CPU. It must never be imported by the
 package: it changes global torch state for the whole process.
 """
 

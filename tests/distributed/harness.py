@@ -159,8 +159,9 @@ def _shape_routing(model, forced: Optional[str]) -> None:
     At initialisation every gate of this tiny model opens in eval mode (k = max_active for every
     token, which a fixed-k dispatcher would also handle), so by default the spike logits are
     sharpened and the biases spread: tokens then route to 1..max_active experts. `forced` makes
-    routing independent of the data (spike logits = bias only): "dead_rank" never chooses the
-    second half of the experts, "single" chooses expert 0 alone.
+    part of the routing independent of the data: "dead_rank" never chooses the second half of the
+    experts (their spike logits are a large negative bias; the first half keeps data-dependent
+    logits so that each of its experts is chosen by some tokens), "single" chooses expert 0 alone.
     """
     from megatron_dirmoe.router import iter_dirichlet_routers
 
@@ -169,12 +170,15 @@ def _shape_routing(model, forced: Optional[str]) -> None:
         with torch.no_grad():
             if forced is None:
                 router.weight[:E].mul_(30.0)
-                router.spike_bias.copy_(torch.linspace(-6.0, 1.0, E))
+                router.spike_bias.copy_(torch.linspace(-2.0, 1.0, E))
                 continue
-            router.weight[:E].zero_()
             if forced == "dead_rank":
-                bias = [8.0] * (E // 2) + [-40.0] * (E - E // 2)
+                half = E // 2
+                router.weight[:half].mul_(30.0)
+                router.weight[half:E].zero_()
+                bias = [0.0] * half + [-400.0] * (E - half)
             elif forced == "single":
+                router.weight[:E].zero_()
                 bias = [8.0] + [-40.0] * (E - 1)
             else:
                 raise ValueError(forced)

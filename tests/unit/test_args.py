@@ -17,6 +17,7 @@ BASE = [
 
 # A valid non-default value for every field (given as command-line text).
 NON_DEFAULT = {
+    "recipe": "paper",
     "target_k": "2",
     "max_active": "5",
     "route_threshold": "0.2",
@@ -35,6 +36,8 @@ NON_DEFAULT = {
     "alpha_ceiling": "500",
     "kl_weight": "0.02",
     "sparsity_weight": "0.03",
+    "count_weight": "0.3",
+    "balance_weight": "0.2",
     "recon_variance": "2",
     "leak": "0.01",
     "torch_compile": None,  # boolean: --dirmoe-no-torch-compile
@@ -60,14 +63,17 @@ def test_every_field_reachable_from_the_cli(name):
         expected = False
     else:
         argv = [flag_name(name), value]
-        expected = value if name == "prior_scale_schedule" else float(value)
+        expected = value if name in ("prior_scale_schedule", "recipe") else float(value)
+    if name in ("route_threshold", "sparsity_weight"):  # flags of the paper recipe only
+        argv += ["--dirmoe-recipe", "paper"]
     args = parse(*argv)
     got = args.dirmoe_config[name]
     assert got == pytest.approx(expected) if isinstance(got, float) else got == expected
     # ... and every other field keeps its dataclass default.
     defaults = dataclasses.asdict(DirMoEConfig())
     for other, default in defaults.items():
-        if other not in (name, "schedule_iters"):
+        if other not in (name, "schedule_iters") and not (
+                name in ("route_threshold", "sparsity_weight") and other == "recipe"):
             assert args.dirmoe_config[other] == default, other
 
 
@@ -75,6 +81,10 @@ def test_every_field_reachable_from_the_cli(name):
     "argv, flag",
     [
         (["--dirmoe-route-threshold", "1.5"], "--dirmoe-route-threshold"),
+        (["--dirmoe-route-threshold", "0.2"], "--dirmoe-route-threshold"),  # calibrated: no effect
+        (["--dirmoe-recipe", "paper", "--dirmoe-balance-weight", "0.2"], "--dirmoe-balance-weight"),
+        (["--dirmoe-recipe", "topk"], "--dirmoe-recipe"),
+        (["--dirmoe-balance-weight", "-1"], "--dirmoe-balance-weight"),
         (["--dirmoe-target-k", "0"], "--dirmoe-target-k"),
         (["--dirmoe-target-k", "9"], "--dirmoe-target-k"),  # > --num-experts (8)
         (["--dirmoe-max-active", "9"], "--dirmoe-max-active"),

@@ -89,6 +89,7 @@ def test_every_field_has_a_flag_and_round_trips():
         assert flag_name(f.name) in flags, f.name
     args = parser.parse_args(
         [
+            "--dirmoe-recipe", "paper",
             "--dirmoe-target-k", "2", "--dirmoe-max-active", "3", "--dirmoe-route-threshold", "0.2",
             "--dirmoe-no-renormalize", "--dirmoe-tau-start", "1.5", "--dirmoe-prior-scale-schedule",
             "exponential", "--dirmoe-schedule-iters", "77", "--dirmoe-prior-mass", "0.8",
@@ -110,3 +111,17 @@ def test_cli_rejects_bad_value_with_flag_name():
         config_from_args(parser.parse_args(["--dirmoe-route-threshold", "1.5"]))
     with pytest.raises(ValueError, match="--dirmoe-target-k"):
         config_from_args(parser.parse_args(["--dirmoe-target-k", "16"]), num_experts=8)
+
+
+def test_recipes_select_rule_fallback_and_weights():
+    calibrated = DirMoEConfig(target_k=2, count_weight=0.2, balance_weight=0.3)
+    assert calibrated.recipe == "calibrated"  # the default
+    assert (calibrated.routing_rule, calibrated.fallback_k) == ("gate", 2)
+    assert (calibrated.effective_count_weight, calibrated.effective_balance_weight) == (0.2, 0.3)
+    paper = DirMoEConfig(recipe="paper", target_k=2, sparsity_weight=0.05)
+    assert (paper.routing_rule, paper.fallback_k) == ("weight", 1)
+    assert (paper.effective_count_weight, paper.effective_balance_weight) == (0.05, 0.0)
+    with pytest.raises(ValueError, match="--dirmoe-recipe"):
+        DirMoEConfig(recipe="topk")
+    with pytest.raises(ValueError, match="--dirmoe-count-weight"):
+        DirMoEConfig(count_weight=float("inf"))

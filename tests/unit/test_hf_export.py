@@ -43,8 +43,10 @@ ARCHS = {
     ],
     # LayerNorm (with biases), MHA, QK LayerNorm, plain GELU MLP, MoE in every layer, tied
     # embeddings; converted in-process.
+    # The paper recipe's routing rule (threshold on the combined weight).
     "ln_mha_qknorm_tied_gelu": [
         "--normalization", "LayerNorm", "--qk-layernorm", "--tokenizer-type", "NullTokenizer",
+        "--dirmoe-recipe", "paper",
     ],
 }
 
@@ -59,7 +61,9 @@ def _randomize(model) -> None:
             if "norm" in name:
                 param.copy_((1.0 + 0.2 * noise) if name.endswith("weight") else 0.1 * noise)
             elif name.endswith("spike_bias"):
-                param.copy_(1.5 * noise)
+                # Centred below 0 so that under the calibrated rule (gate on when l >= 0) some
+                # tokens open one gate and others several.
+                param.copy_(1.5 * noise - 2.0)
             else:
                 param.copy_(0.08 * noise)
 
@@ -142,6 +146,9 @@ def test_folder_contents_and_config(exported):
     assert config["router_tau"] < dcfg.tau_start  # the schedule moved: not the step-0 value
     assert config["router_max_active"] == dcfg.max_active_for(8) == 8
     assert config["router_threshold"] == dcfg.route_threshold
+    assert config["router_rule"] == dcfg.routing_rule
+    assert config["router_fallback_k"] == dcfg.fallback_k
+    assert dcfg.recipe == ("calibrated" if name == "rms_gqa_freq_shared" else "paper")
     shards = sorted(out.glob("*.safetensors"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in shards}

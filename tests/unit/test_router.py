@@ -85,15 +85,19 @@ def test_extreme_inputs_stay_finite(router_factory, scale, dtype):
         assert routing_map.sum(-1).min() >= 1
 
 
-def test_attached_losses_equal_the_reference_objective(router_factory):
+@pytest.mark.parametrize("recipe", ["calibrated", "paper"])
+def test_attached_losses_equal_the_reference_objective(router_factory, recipe):
     """The gradient the router receives from MoEAuxLossAutoScaler is exactly the gradient of
-    sigma^2 * mean_t(beta * KL_t + lambda * (sum pi - k)^2)."""
-    router = router_factory(kl_weight=0.3, sparsity_weight=0.7, recon_variance=2.0)
+    sigma^2 * [mean_t(beta * KL_t + lambda * penalty_t) + beta_z * balance(mean_t pi_t)]
+    (no balance term in the paper recipe)."""
+    router = router_factory(recipe=recipe, kl_weight=0.3, sparsity_weight=0.7, count_weight=0.7,
+                            recon_variance=2.0, target_k=2)
     router.set_iteration(10)
     hidden = torch.randn(8, 4, H)
     grad_w, grad_b = _aux_grads(router, hidden)
 
     cfg = router.dirmoe_config
+    rule = "gate" if recipe == "calibrated" else "weight"
     weight = router.weight.detach().clone().requires_grad_()
     bias = router.spike_bias.detach().clone().requires_grad_()
     torch.manual_seed(0)
@@ -102,13 +106,20 @@ def test_attached_losses_equal_the_reference_objective(router_factory):
         logits[:, :E], logits[:, E:], bias, tau=router.temperature,
         posterior_scale=cfg.posterior_scale, alpha_floor=cfg.alpha_floor,
         alpha_ceiling=cfg.alpha_ceiling, leak=cfg.leak, route_threshold=cfg.route_threshold,
-        max_active=router.max_active, training=True,
+        max_active=router.max_active, training=True, rule=rule, fallback_k=cfg.fallback_k,
     )
     kl, pen = routing_regularizers(
         res, prior_scale=router.prior_scale, alpha_lo=cfg.alpha_lo, prior_ratio=router.prior_ratio,
         alpha_floor=cfg.alpha_floor, alpha_ceiling=cfg.alpha_ceiling, target_k=cfg.target_k,
+        rule=rule,
     )
-    (2.0 * (0.3 * kl + 0.7 * pen)).mean().backward()
+    objective = (0.3 * kl + 0.7 * pen).mean()
+    if recipe == "calibrated":
+        pbar = res.gate_prob_TE.mean(0).clamp(1e-6, 1 - 1e-6)
+        q = 2 / E
+        balance = (pbar * torch.log(pbar / q) + (1 - pbar) * torch.log((1 - pbar) / (1 - q))).sum()
+        objective = objective + cfg.balance_weight * balance
+    (2.0 * objective).backward()
     torch.testing.assert_close(grad_w, weight.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad_b, bias.grad, rtol=1e-5, atol=1e-7)
 
@@ -194,7 +205,8 @@ def test_aux_loss_is_switch_loss_on_normalised_gate_probabilities(router_factory
         logits[:, :E], logits[:, E:], bias, tau=router.temperature,
         posterior_scale=cfg.posterior_scale, alpha_floor=cfg.alpha_floor,
         alpha_ceiling=cfg.alpha_ceiling, leak=cfg.leak, route_threshold=cfg.route_threshold,
-        max_active=router.max_active, training=True,
+        max_active=router.max_active, training=True, rule=cfg.routing_rule,
+        fallback_k=cfg.fallback_k,
     )
     num_tokens = logits.shape[0]
     load = res.routing_map_TE.sum(0).float()

@@ -1,0 +1,194 @@
+"""The calibrated recipe's routing math (rule "gate", count penalty E[(N-k)^2], aggregate spike
+prior) against independent references: exact enumeration, Monte Carlo, torch.distributions and
+hand-derived gradients."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from megatron_dirmoe.config import DirMoEConfig
+from megatron_dirmoe.routing import (
+    balance_penalty,
+    bernoulli_kl,
+    eval_active_count,
+    route,
+    routing_regularizers,
+)
+
+E = 8
+
+
+def _route(spike, slab, bias, tau, training, *, max_active=E, cfg=None):
+    cfg = cfg or DirMoEConfig(schedule_iters=10)
+    return route(
+        spike, slab, bias, tau=tau, posterior_scale=cfg.posterior_scale,
+        alpha_floor=cfg.alpha_floor, alpha_ceiling=cfg.alpha_ceiling, leak=cfg.leak,
+        route_threshold=cfg.route_threshold, max_active=max_active, renormalize=cfg.renormalize,
+        training=training, rule="gate",
+    )
+
+
+def test_bernoulli_kl_matches_torch_distributions():
+    p = torch.rand(100, dtype=torch.float64) * 0.98 + 0.01
+    for q in (0.125, 0.5, 0.9):
+        ref = torch.distributions.kl_divergence(
+            torch.distributions.Bernoulli(probs=p),
+            torch.distributions.Bernoulli(probs=torch.full_like(p, q)))
+        torch.testing.assert_close(bernoulli_kl(p, q), ref)
+
+
+def test_balance_penalty_value_and_gradient():
+    """sum_e KL(Bern(mean_t p_te) || Bern(k/E)); its gradient per p_te is
+    (logit(pbar_e) - logit(k/E)) / T (derived by hand)."""
+    torch.manual_seed(0)
+    p_TE = (torch.rand(32, E, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+    k = 2
+    value = balance_penalty(p_TE.mean(0), k)
+    pbar = p_TE.detach().mean(0)
+    q = k / E
+    ref = (pbar * torch.log(pbar / q) + (1 - pbar) * torch.log((1 - pbar) / (1 - q))).sum()
+    torch.testing.assert_close(value.double(), ref)
+    value.backward()
+    logit = lambda x: math.log(x / (1 - x)) if isinstance(x, float) else torch.log(x / (1 - x))
+    expected = ((logit(pbar) - logit(q)) / 32).expand(32, E)
+    torch.testing.assert_close(p_TE.grad, expected)
+    # Zero exactly at the prior, positive away from it.
+    assert balance_penalty(torch.full((E,), q), k).abs() < 1e-6
+    assert balance_penalty(torch.tensor([1.0] + [0.0] * (E - 1)), 1) > 1.0
+
+
+def test_count_penalty_equals_exact_expected_squared_miss():
+    """E[(N - k)^2] for N = sum of independent Bernoulli(pi_i), by enumerating all 2^E outcomes."""
+    torch.manual_seed(1)
+    res = _route(torch.randn(4, E, dtype=torch.float64) * 2, torch.randn(4, E), torch.zeros(E),
+                 tau=0.7, training=True)
+    _, pen_T = routing_regularizers(
+        res, prior_scale=0.5, alpha_lo=0.05, prior_ratio=39.7, alpha_floor=0.005,
+        alpha_ceiling=1000.0, target_k=2, rule="gate")
+    pi = res.gate_prob_TE.double()
+    for t in range(4):
+        exact = 0.0
+        for bits in itertools.product((0, 1), repeat=E):
+            b = torch.tensor(bits, dtype=torch.float64)
+            prob = torch.prod(torch.where(b > 0, pi[t], 1 - pi[t])).item()
+            exact += prob * (b.sum().item() - 2) ** 2
+        assert pen_T[t].item() == pytest.approx(exact, rel=1e-6)  # route() computes in fp32
+
+
+@pytest.mark.parametrize("tau", [2.0, 1.0, 0.3])
+def test_relaxed_spike_is_a_bernoulli_pi_sample_and_routing_takes_its_mode(tau):
+    """The relaxed gate clears 1/2 with probability pi = sigmoid(l / tau) at every temperature
+    (the paper recipe's sampler clears it with probability sigmoid(l)); the active set is the
+    mode, pi >= 1/2, in training as in evaluation."""
+    torch.manual_seed(0)
+    logits_E = torch.tensor([-1.5, -0.8, -0.3, 0.0, 0.2, 0.6, 1.0, 1.6]) * tau
+    spike = logits_E.repeat(40000, 1)
+    res = _route(spike, torch.zeros_like(spike), torch.zeros(E), tau, True)
+    centred_E = logits_E - logits_E.mean()
+    pi_E = torch.sigmoid(centred_E / tau)
+    torch.testing.assert_close(res.gate_prob_TE[0], pi_E)
+    fired = (res.gate_TE >= 0.5).float().mean(0)
+    assert (fired - pi_E).abs().max() < 0.01
+    assert torch.equal(res.routing_map_TE, (centred_E >= 0).expand(40000, E))
+    evaluated = _route(spike[:4], torch.zeros_like(spike[:4]), torch.zeros(E), tau, False)
+    assert torch.equal(evaluated.routing_map_TE, res.routing_map_TE[:4])
+
+
+def test_eval_routes_where_logit_is_non_negative_with_renormalised_mean_slab():
+    torch.manual_seed(2)
+    cfg = DirMoEConfig(schedule_iters=10)
+    spike, slab = torch.randn(64, E) * 2, torch.randn(64, E)
+    bias = torch.full((E,), -0.5)
+    res = _route(spike, slab, bias, 0.4, False, max_active=3)
+    l = spike - spike.mean(-1, keepdim=True) + bias
+    on = l >= 0
+    # Independent reference: the 3 largest of the non-negative logits, argmax when none.
+    ref_map = torch.zeros_like(on)
+    for t in range(64):
+        idx = [i for i in torch.argsort(l[t], descending=True).tolist() if on[t, i]][:3]
+        ref_map[t, idx or [int(l[t].argmax())]] = True
+    assert torch.equal(res.routing_map_TE, ref_map)
+    alpha = (cfg.posterior_scale * torch.softmax(slab, -1)).clamp(cfg.alpha_floor, cfg.alpha_ceiling)
+    theta = alpha * ref_map
+    torch.testing.assert_close(res.probs_TE, theta / theta.sum(-1, keepdim=True))
+    counts = eval_active_count(res, route_threshold=0.125, leak=1e-3, max_active=3, rule="gate")
+    assert torch.equal(counts, ref_map.sum(-1))
+
+
+def test_straight_through_gate_forward_is_the_slab_share_backward_is_dz_dl():
+    """Forward: theta renormalised over the active set. Backward to the spike logits:
+    c_i * theta~_i * dz_i/dl_i with dz/dl = z (1 - z) / tau^2 on active experts, 0 elsewhere."""
+    torch.manual_seed(4)
+    tau = 0.7
+    spike = torch.randn(128, E) * 2
+    slab = torch.randn(128, E)
+    bias = torch.zeros(E, requires_grad=True)
+    c_TE = torch.randn(128, E)
+    res = _route(spike, slab, bias, tau, True)
+    res.gate_TE.retain_grad()
+    (res.probs_TE * c_TE).sum().backward()
+    active = res.routing_map_TE
+    theta = res.probs_TE.detach()  # forward value: the renormalised slab share
+    assert torch.allclose(theta.sum(-1), torch.ones(128)) and (theta[~active] == 0).all()
+    z = res.gate_TE.detach()
+    dz_dl = z * (1 - z) / tau**2
+    # d(centred logits)/d(bias) is the identity, so the bias gradient is the logit gradient
+    # summed over tokens; the slab sample does not depend on the spike.
+    expected = (c_TE * theta * dz_dl).sum(0)
+    torch.testing.assert_close(bias.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gate_rule_gradients_reach_spike_and_slab_through_the_output():
+    torch.manual_seed(3)
+    h = torch.randn(256, 16)
+    w_z = torch.randn(E, 16, requires_grad=True)
+    w_v = torch.randn(E, 16, requires_grad=True)
+    b_z = torch.zeros(E, requires_grad=True)
+    res = _route(h @ w_z.T, h @ w_v.T, b_z, 1.0, True)
+    (res.probs_TE * torch.randn(256, E)).sum().backward()
+    for p in (w_z, w_v, b_z):
+        assert p.grad is not None and p.grad.abs().sum() > 0 and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("training", [True, False])
+def test_gate_rule_map_invariants_without_nan(scale, training):
+    torch.manual_seed(0)
+    spike, slab = torch.randn(512, E) * scale, torch.randn(512, E) * scale
+    for tau in (2.0, 0.3):
+        res = _route(spike, slab, torch.zeros(E), tau, training, max_active=4)
+        counts = res.routing_map_TE.sum(-1)
+        assert counts.min() >= 1 and counts.max() <= 4
+        assert (res.probs_TE[~res.routing_map_TE] == 0).all()
+        for t in (res.probs_TE, res.gate_TE, res.weights_TE):
+            assert torch.isfinite(t).all()
+
+
+def test_tokens_whose_gates_all_stay_off_fall_back_to_their_k_most_likely_experts():
+    """At initialisation (every pi = k/E < 1/2) the calibrated rule routes each token to its k
+    largest pi, i.e. it starts as top-k routing; tokens with a gate on are not padded up to k."""
+    torch.manual_seed(5)
+    spike = torch.randn(256, E) * 0.1
+    bias = torch.full((E,), -3.0)  # no gate reaches 1/2
+    for training in (True, False):
+        res = route(
+            spike, torch.randn(256, E), bias, tau=1.0, posterior_scale=20.0, alpha_floor=0.005,
+            alpha_ceiling=1000.0, leak=1e-3, route_threshold=0.125, max_active=4,
+            training=training, rule="gate", fallback_k=2)
+        assert res.fallback_T.all()
+        top2 = torch.zeros(256, E, dtype=torch.bool).scatter_(
+            1, torch.topk(spike, 2, dim=-1).indices, True)
+        assert torch.equal(res.routing_map_TE, top2)
+        counts = eval_active_count(res, route_threshold=0.125, leak=1e-3, max_active=4,
+                                   rule="gate", fallback_k=2)
+        assert (counts == 2).all()
+    one_on = spike.clone()
+    one_on[:, 3] = 10.0  # gate 3 fires for every token: exactly one expert, no padding to k
+    res = route(one_on, torch.randn(256, E), bias, tau=1.0, posterior_scale=20.0,
+                alpha_floor=0.005, alpha_ceiling=1000.0, leak=1e-3, route_threshold=0.125,
+                max_active=4, training=False, rule="gate", fallback_k=2)
+    assert (res.routing_map_TE.sum(-1) == 1).all() and res.routing_map_TE[:, 3].all()
