@@ -63,11 +63,17 @@ def routers(bias_rate: str) -> dict[str, RouterSpec]:
     def dirmoe(k: int, *extra: str) -> tuple[str, ...]:
         return ("--dirmoe-router", "dirichlet", "--dirmoe-target-k", str(k)) + extra
 
+    paper = ("--dirmoe-recipe", "paper")
     return {
-        "dirmoe-k1": RouterSpec("DirMoE k=1 (paper recipe)", 1, dirmoe(1), True),
-        "dirmoe-k2": RouterSpec("DirMoE k=2 (paper recipe)", 2, dirmoe(2), True),
-        "dirmoe-k1-aux": RouterSpec("DirMoE k=1 + aux loss", 1, dirmoe(1, *AUX_LOSS), True),
-        "dirmoe-k2-aux": RouterSpec("DirMoE k=2 + aux loss", 2, dirmoe(2, *AUX_LOSS), True),
+        # The default recipe: only the target k is given.
+        "dirmoe-k1": RouterSpec("DirMoE k=1 (default: calibrated)", 1, dirmoe(1), True),
+        "dirmoe-k2": RouterSpec("DirMoE k=2 (default: calibrated)", 2, dirmoe(2), True),
+        "dirmoe-k1-paper": RouterSpec("DirMoE k=1 (paper recipe)", 1, dirmoe(1, *paper), True),
+        "dirmoe-k2-paper": RouterSpec("DirMoE k=2 (paper recipe)", 2, dirmoe(2, *paper), True),
+        "dirmoe-k1-paper-aux": RouterSpec("DirMoE k=1 (paper recipe) + aux loss", 1,
+                                          dirmoe(1, *paper, *AUX_LOSS), True),
+        "dirmoe-k2-paper-aux": RouterSpec("DirMoE k=2 (paper recipe) + aux loss", 2,
+                                          dirmoe(2, *paper, *AUX_LOSS), True),
         # Megatron requires pre-softmax with top-1 (else the one probability is always 1).
         "softmax-top1": RouterSpec(
             "TopK softmax k=1 + aux loss", 1,
@@ -103,7 +109,7 @@ PRESETS = {
     "cpu-small": Preset(
         "tiny GPT (4 layers x 8 experts, hidden 128), 300 steps x 1,024 tokens, embedded "
         "Shakespeare corpus",
-        "cpu", ("--preset", "tiny"), seeds=(1234, 1235), jobs=2, heldout_sequences=256,
+        "cpu", ("--preset", "tiny"), seeds=(1234, 1235, 1236), jobs=2, heldout_sequences=256,
         bias_rate="1e-2",
     ),
     # 8 layers, hidden 512, 8 experts, seq 256, 600 steps of 8,192 tokens; four runs share the
@@ -126,7 +132,7 @@ PRESETS = {
 
 # ---------------------------------------------------------------------- one run (worker)
 def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: list[str],
-               meta: dict) -> None:
+               meta: dict, heldout_split: str = "test") -> None:
     """Train one router through the pretraining entry's parser and loop, analyse it on the
     test split, write the run's record."""
     from megatron.training.global_vars import (
@@ -151,7 +157,11 @@ def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: lis
 
     sizes = num_samples_per_split(args)
     sizes[2] = max(sizes[2], heldout_sequences)
-    _, _, test_ds = build_gpt_datasets(args, get_tokenizer(), sizes, create_attention_mask=False)
+    sizes[1] = max(sizes[1], heldout_sequences)
+    _, valid_ds, test_ds = build_gpt_datasets(args, get_tokenizer(), sizes,
+                                              create_attention_mask=False)
+    # Settings are chosen on the validation split; the test split is for the final table only.
+    test_ds = valid_ds if heldout_split == "valid" else test_ds
     count = min(heldout_sequences, len(test_ds))
     mbs = args.micro_batch_size
     batches = [batch_from_dataset(test_ds, start, min(mbs, count - start), device)
@@ -180,6 +190,7 @@ def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: lis
         valid_losses={str(k): v for k, v in result.valid_losses.items()},
         heldout_loss=heldout_loss,
         heldout_tokens=int(classes_T.numel()),
+        heldout_split=heldout_split,
         train_active_end=tail_mean("dirmoe/active_experts"),
         train_expected_k_end=tail_mean("dirmoe/expected_k"),
         fallback_end=tail_mean("dirmoe/fallback_frac"),
@@ -192,7 +203,7 @@ def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: lis
 
 # ---------------------------------------------------------------------- orchestration
 def _run_all(preset_name: str, preset: Preset, specs: dict[str, RouterSpec], work_root: Path,
-             extra: list[str], jobs: int) -> None:
+             extra: list[str], jobs: int, heldout_split: str = "test") -> None:
     """Train every (router, seed) without a record under ``work_root/records``, `jobs` at a
     time, each in its own process (Megatron's global state is per process)."""
     runs_dir = work_root / "records"
@@ -227,7 +238,8 @@ def _run_all(preset_name: str, preset: Preset, specs: dict[str, RouterSpec], wor
             log = path.with_suffix(".log")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path),
                    "--device", preset.device, "--heldout-sequences",
-                   str(preset.heldout_sequences), "--meta", json.dumps(meta), "--"] + argv
+                   str(preset.heldout_sequences), "--heldout-split", heldout_split,
+                   "--meta", json.dumps(meta), "--"] + argv
             env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
             with log.open("w") as log_file:  # the child keeps its own descriptor
                 proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
@@ -523,6 +535,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="run records, logs, checkpoints, tokenised data (default "
                              "runs/compare/<preset>)")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--heldout-split", choices=("test", "valid"), default="test",
+                        help="split the routing analysis and held-out loss use: 'valid' while "
+                             "choosing settings, 'test' (untouched by tuning) for the table")
     # Worker mode (one run), started by the orchestrator.
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
@@ -532,7 +547,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     if opts.worker is not None:
         run_worker(opts.worker, opts.device, opts.heldout_sequences, extra,
-                   json.loads(opts.meta))
+                   json.loads(opts.meta), opts.heldout_split)
         return
 
     preset = PRESETS[opts.preset]
@@ -557,7 +572,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise SystemExit(f"[compare] preset {opts.preset} needs a CUDA GPU; none is visible")
     if not opts.render_only:
         t0 = time.time()
-        _run_all(opts.preset, preset, specs, work_root, extra, opts.jobs or preset.jobs)
+        _run_all(opts.preset, preset, specs, work_root, extra, opts.jobs or preset.jobs,
+                 opts.heldout_split)
         print(f"[compare] all runs done in {(time.time() - t0) / 60:.1f} min", flush=True)
     render(out, work_root, opts.preset, command.strip())
 
