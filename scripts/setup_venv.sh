@@ -2,6 +2,8 @@
 # Create ./.venv with Python 3.12 and install megatron_dirmoe into it (editable).
 #   bash scripts/setup_venv.sh        # runtime dependencies
 #   bash scripts/setup_venv.sh dev    # + test tools
+# Versions come from constraints.txt (the ones the tests passed with); DIRMOE_UNPINNED=1 resolves
+# the newest releases instead, to see the next break before users do.
 # Python 3.12 is found on PATH or among pyenv's versions (megatron-core 0.19 needs >= 3.12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,5 +36,10 @@ if [ "${1:-}" = "dev" ]; then
   extra="[dev]"
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".${extra}"
+constraints=(-c constraints.txt)
+if [ "${DIRMOE_UNPINNED:-0}" = "1" ]; then
+  constraints=()
+  echo "setup_venv.sh: DIRMOE_UNPINNED=1, resolving the newest releases (not constraints.txt)"
+fi
+.venv/bin/python -m pip install --quiet "${constraints[@]}" -e ".${extra}"
 .venv/bin/python -c 'import megatron.core, megatron_dirmoe; print("megatron-core", megatron.core.__version__, "| megatron_dirmoe", megatron_dirmoe.__version__)'
