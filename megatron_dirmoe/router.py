@@ -204,7 +204,11 @@ class DirichletRouter(Router):
             if self.aux_loss_coeff > 0:
                 probs = self._apply_load_balancing_loss(probs, gate_prob, routing_map, valid_T,
                                                         num_tokens)
-        self._record_metrics(stats, load_E, schedule_2, with_losses, balance)
+        if with_losses:
+            # Only the forward that builds the graph counts, as Megatron guards its own router's
+            # statistics: under activation recompute the first forward runs without grad and the
+            # re-forward with it, and evaluation passes are not training statistics.
+            self._record_metrics(stats, load_E, schedule_2, balance)
         return probs, routing_map
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -302,7 +306,7 @@ class DirichletRouter(Router):
 
     # ------------------------------------------------------------------ metrics
     @torch.no_grad()
-    def _record_metrics(self, stats, load_E, schedule_2, with_losses, balance=None) -> None:
+    def _record_metrics(self, stats, load_E, schedule_2, balance=None) -> None:
         if self.expert_load.device != load_E.device:
             self.expert_load = self.expert_load.to(load_E.device)
         self.expert_load += load_E
@@ -318,8 +322,6 @@ class DirichletRouter(Router):
             )
 
         for index, name in enumerate(STAT_NAMES):
-            if not with_losses and name in _TRAINING_ONLY_STATS:
-                continue
             record(f"dirmoe/{name}", stats[index])
         record("dirmoe/tau", schedule_2[0])
         record("dirmoe/prior_scale", schedule_2[1])
@@ -334,7 +336,6 @@ class DirichletRouter(Router):
 
 
 # ---------------------------------------------------------------------- the routing step
-_TRAINING_ONLY_STATS = ("kl", "sparsity_penalty", "eval_active_experts")
 _COMPILED_ROUTING_STEP = None
 
 

@@ -264,7 +264,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
             iteration % args.eval_interval == 0 or iteration == args.train_iters
         ):
             val = _evaluate(model, valid_ds, args, device)
-            tracker.clear()  # eval forwards recorded eval-mode routing; not this step's metrics
+            tracker.clear()  # whatever else ran during evaluation is not this step's metrics
             result.valid_losses[iteration] = val
             _log(f" validation loss at iteration {iteration}: {val:.4f} | ppl "
                  f"{math.exp(min(val, 20)):.2f}")

@@ -164,6 +164,47 @@ def test_metrics_reach_megatrons_tracker(router_factory):
     get_moe_metrics_tracker().clear()
 
 
+def test_metrics_and_load_count_only_the_forward_that_builds_the_graph(router_factory):
+    """Activation recompute runs the router once without grad and again with grad; evaluation
+    runs it without grad. Only the graph-building forward is recorded, so a no-grad forward
+    followed by a grad forward records exactly what the grad forward alone records."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    hidden = torch.randn(16, 2, H)
+
+    def recorded(router):
+        values = {name: m.values.clone() for name, m in tracker.metrics.items()
+                  if name.startswith("dirmoe/")}
+        tracker.clear()
+        return values, router.pop_expert_load()
+
+    router = router_factory(target_k=2)
+    tracker.clear()
+    router.pop_expert_load()
+    torch.manual_seed(3)
+    router(hidden)
+    alone, alone_load = recorded(router)
+    assert alone and alone_load.sum() > 0
+
+    with torch.no_grad():
+        router(hidden)  # the first pass of a recomputed layer
+    nothing, no_load = recorded(router)
+    assert all(v.abs().sum() == 0 for v in nothing.values()) and no_load.sum() == 0
+    torch.manual_seed(3)
+    router(hidden)  # the re-forward, with grad
+    again, again_load = recorded(router)
+    assert set(again) == set(alone)
+    for name in alone:
+        torch.testing.assert_close(again[name], alone[name])
+    torch.testing.assert_close(again_load, alone_load)
+
+    router.eval()
+    router(hidden)
+    evaluated, eval_load = recorded(router)
+    assert all(v.abs().sum() == 0 for v in evaluated.values()) and eval_load.sum() == 0
+
+
 def test_schedule_follows_iteration(router_factory):
     router = router_factory()
     assert router.temperature == pytest.approx(2.0) and router.prior_scale == pytest.approx(0.5)
