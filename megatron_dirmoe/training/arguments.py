@@ -104,6 +104,9 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--dirmoe-data-cache", default=None,
                        help="where the embedded corpus is tokenised when no data path is given "
                             "(default: <--save>/data, or ~/.cache/megatron_dirmoe/data)")
+    group.add_argument("--dirmoe-allow-config-change", action="store_true",
+                       help="resume even though the DirMoE router settings or schedule horizon "
+                            "differ from the checkpoint's (by default that stops the run)")
     group.add_argument("--dirmoe-no-fp32-training", dest="dirmoe_bf16_default",
                        action="store_false", default=True,
                        help="do not default to bf16 on CUDA when neither --bf16 nor --fp16 is "

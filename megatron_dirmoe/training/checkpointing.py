@@ -174,3 +174,68 @@ def load_cpu_checkpoint(root, model, optimizer=None, scheduler=None, *, iteratio
     if load_rng and "rng_state" in common:
         restore_rng_state(common["rng_state"])
     return common
+
+
+# DirMoE settings that change only speed, not what is trained: free to change on resume.
+_RESUME_NEUTRAL_FIELDS = ("torch_compile",)
+# Fields added after checkpoints were first written, with the value that older runs used.
+_IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper"}
+
+
+def dirmoe_config_changes(saved: dict, current: dict) -> list[str]:
+    """``--dirmoe-<flag> saved -> current`` for every router setting that differs between a
+    checkpoint's resolved `DirMoEConfig` (``args.dirmoe_config``) and the current one."""
+    from megatron_dirmoe.config import flag_name
+
+    changes = []
+    for name, value in current.items():
+        if name in _RESUME_NEUTRAL_FIELDS:
+            continue
+        if name in saved:
+            old = saved[name]
+        elif name in _IMPLICIT_IN_OLDER_CHECKPOINTS:
+            old = _IMPLICIT_IN_OLDER_CHECKPOINTS[name]
+        else:
+            continue  # a setting the checkpoint's version did not have and that it never used
+        if old != value:
+            changes.append(f"{flag_name(name)} {old!r} -> {value!r}")
+    return changes
+
+
+def check_resume_config(saved_args, args, where) -> None:
+    """Stop a resume whose DirMoE router settings or schedule horizon differ from the
+    checkpoint's (the schedules are functions of the iteration and the horizon, so a changed
+    ``--train-iters`` silently stretches tau and lambda_p), unless
+    ``--dirmoe-allow-config-change`` is given."""
+    saved = getattr(saved_args, "dirmoe_config", None)
+    current = getattr(args, "dirmoe_config", None)
+    if not saved or not current or getattr(args, "dirmoe_allow_config_change", False):
+        return
+    if getattr(saved_args, "dirmoe_router", "dirichlet") != "dirichlet" or getattr(
+            args, "dirmoe_router", "dirichlet") != "dirichlet":
+        return  # TopK baselines have no DirMoE state to protect
+    changes = dirmoe_config_changes(saved, current)
+    if changes:
+        raise ValueError(
+            f"{where}: the DirMoE router settings differ from the checkpoint's: "
+            f"{'; '.join(changes)} (--dirmoe-schedule-iters defaults to --train-iters). Resume "
+            "with the checkpoint's values, or pass --dirmoe-allow-config-change to continue "
+            "with the new ones"
+        )
+
+
+def read_checkpoint_args(root) -> Optional["argparse.Namespace"]:
+    """The ``args`` saved in ``root``'s latest checkpoint (torch_dist format), or None when
+    there is none or it cannot be read this way."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root) if root is not None else None
+    if iteration is None:
+        return None
+    directory = checkpoint_dir(root, iteration)
+    try:
+        with _cpu_device_without_cuda():
+            return dist_checkpointing.load_common_state_dict(str(directory)).get("args")
+    except Exception:  # e.g. a legacy (non-distributed) checkpoint: Megatron checks it itself
+        return None
+

@@ -150,6 +150,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
         moe_layer_numbers,
     )
     from megatron_dirmoe.training.checkpointing import (
+        check_resume_config,
         latest_iteration,
         load_cpu_checkpoint,
         save_cpu_checkpoint,
@@ -186,6 +187,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     if load_root is not None and latest_iteration(load_root) is not None:
         common = load_cpu_checkpoint(load_root, model, optimizer, scheduler,
                                      load_rng=not args.no_load_rng)
+        check_resume_config(common.get("args"), args, load_root)
         iteration = int(common["iteration"])
         consumed = int(common["consumed_train_samples"])
         _log(f"[dirmoe] resumed from {load_root} at iteration {iteration} "

@@ -105,6 +105,11 @@ def pretrain_on_cuda(args: argparse.Namespace) -> None:
 
     if args.context_parallel_size > 1:
         raise ValueError("--context-parallel-size > 1 is not supported by the DirMoE launcher yet")
+    from megatron_dirmoe.training.checkpointing import check_resume_config, read_checkpoint_args
+
+    # Before megatron.training loads the weights: a changed router config or schedule horizon
+    # would otherwise resume silently.
+    check_resume_config(read_checkpoint_args(args.load), args, args.load)
     _use_prebuilt_dataset_helpers()
     set_global_variables(args)
     tracker = install_metrics_tracker()

@@ -105,6 +105,38 @@ def test_resume_with_a_changed_schedule_names_the_flags(tmp_path, data_cache):
         run(tmp_path, data_cache, "--train-iters", "4", *common)
 
 
+def test_resume_with_changed_router_settings_names_the_flags(tmp_path, data_cache):
+    """A rerun with different DirMoE settings or schedule horizon stops before training and
+    names the flags; --dirmoe-allow-config-change continues with the new settings."""
+    common = ["--train-iters", "2", "--eval-interval", "100", "--eval-iters", "1",
+              "--save-interval", "100"]
+    run(tmp_path, data_cache, *common)
+    with pytest.raises(ValueError, match=r"--dirmoe-count-weight 0\.1 -> 0\.3"):
+        run(tmp_path, data_cache, *common, "--dirmoe-count-weight", "0.3")
+    with pytest.raises(ValueError, match=r"--dirmoe-schedule-iters 2 -> 5"):
+        run(tmp_path, data_cache, *common, "--dirmoe-schedule-iters", "5")
+    with pytest.raises(ValueError, match=r"--dirmoe-recipe 'calibrated' -> 'paper'"):
+        run(tmp_path, data_cache, *common, "--dirmoe-recipe", "paper")
+    # Speed-only settings may change.
+    run(tmp_path, data_cache, *common, "--dirmoe-no-torch-compile")
+    resumed = run(tmp_path, data_cache, "--train-iters", "3", "--eval-interval", "100",
+                  "--eval-iters", "1", "--save-interval", "100",
+                  "--dirmoe-schedule-iters", "2", "--dirmoe-count-weight", "0.3",
+                  "--dirmoe-allow-config-change", "--override-opt_param-scheduler")
+    assert sorted(resumed.losses) == [3]
+
+
+def test_resume_check_treats_checkpoints_without_a_recipe_as_the_paper_recipe():
+    from megatron_dirmoe.training.checkpointing import dirmoe_config_changes
+
+    older = {"target_k": 1, "tau_start": 2.0, "torch_compile": True}  # written before `recipe`
+    assert dirmoe_config_changes(older, {"target_k": 1, "tau_start": 2.0, "recipe": "paper",
+                                         "torch_compile": False}) == []
+    assert dirmoe_config_changes(older, {"target_k": 2, "tau_start": 2.0,
+                                         "recipe": "calibrated", "count_weight": 0.1}) == [
+        "--dirmoe-target-k 1 -> 2", "--dirmoe-recipe 'paper' -> 'calibrated'"]
+
+
 def test_console_script_exits_zero_on_success(tmp_path, data_cache):
     """`dirmoe-pretrain` (pyproject's console script) must exit 0 after a successful run, so
     `&&` chains and batch schedulers see success."""
