@@ -457,17 +457,23 @@ def _reference(case: Case, aligner: _NoiseAligner) -> dict:
     aligner.register(model)
     aligner.single = True
     aligner.reset()
+    # Mean experts per real token over all layers: shows that k really varies per token. Counted
+    # from the routing maps the routers return (their expert-load statistic is training-only).
+    from megatron_dirmoe.router import iter_dirichlet_routers
+
+    routed = []
+    hooks = [r.register_forward_hook(lambda m, i, out: routed.append(float(out[1].sum())))
+             for r in iter_dirichlet_routers(model)]
     try:
         with aligner:
             loss = _step(model, case, single=True)
     finally:
         aligner.single = False
+        for hook in hooks:
+            hook.remove()
     weights, _ = _assemble(_chunks(model, grads=False))
     grads, _ = _assemble(_chunks(model, grads=True))
-    # Mean experts per real token over all layers: shows that k really varies per token.
-    from megatron_dirmoe.router import iter_dirichlet_routers
-
-    pairs = sum(float(r.pop_expert_load().sum()) for r in iter_dirichlet_routers(model))
+    pairs = sum(routed)
     real_tokens = BATCH * SEQ - (int(_batch()[2].sum()) if case.padding else 0)
     mean_k = pairs / (real_tokens * case.num_layers)
     return dict(loss=loss, weights=weights, grads=grads, mean_k=mean_k)
