@@ -131,6 +131,24 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _exit_reason(args, iteration: int, t_start: float) -> Optional[str]:
+    """Why the loop stops after this step (then it saves and returns normally), as
+    megatron.training does: --exit-interval, the --exit-signal-handler signal (SIGTERM by
+    default; the Slurm scripts forward their deadline signal as SIGTERM), or
+    --exit-duration-in-mins of training time."""
+    if args.exit_interval and iteration % args.exit_interval == 0:
+        return "--exit-interval"
+    if getattr(args, "exit_signal_handler", False):
+        from megatron.training.global_vars import get_signal_handler
+
+        if any(get_signal_handler().signals_received()):
+            return f"received {getattr(args, 'exit_signal', 'the exit signal')!s}"
+    minutes = getattr(args, "exit_duration_in_mins", None)
+    if minutes and (time.time() - t_start) / 60.0 > minutes:
+        return f"--exit-duration-in-mins {minutes}"
+    return None
+
+
 def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     """Train (or resume) per ``args``; returns losses, validation losses and routing.
 
@@ -274,7 +292,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
                 writer.add_scalar("lm loss validation", val, iteration)
             if wandb_writer is not None:
                 wandb_writer.log({"lm loss validation": val}, iteration)
-        exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
+        exiting = _exit_reason(args, iteration, t_start)
         if args.save and (
             (args.save_interval and iteration % args.save_interval == 0)
             or iteration == args.train_iters or exiting
@@ -284,7 +302,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
             result.checkpoint = str(path)
             _log(f" saved checkpoint {path}")
         if exiting:
-            _log(f"[dirmoe] exiting at iteration {iteration} (--exit-interval)")
+            _log(f"[dirmoe] exiting at iteration {iteration} ({exiting})")
             break
 
     result.iteration = iteration

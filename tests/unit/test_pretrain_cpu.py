@@ -150,3 +150,56 @@ def test_console_script_exits_zero_on_success(tmp_path, data_cache):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "TrainResult(" not in done.stdout + done.stderr
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, data_cache):
+    """With --exit-signal-handler a SIGTERM mid-run (between periodic checkpoints) ends the
+    current step, saves it and exits 0, as megatron.training does: nothing since the last
+    periodic checkpoint is lost."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from megatron_dirmoe.training.checkpointing import latest_iteration
+
+    cmd = [sys.executable, "-m", "megatron_dirmoe.pretrain", *TINY, "--train-iters", "500",
+           "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "1",
+           "--save-interval", "1000", "--save", str(tmp_path), "--load", str(tmp_path),
+           "--dirmoe-data-cache", data_cache]
+    cmd += ["--exit-signal-handler"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            step = re.search(r"iteration\s+(\d+)/500", line)
+            if step and int(step.group(1)) >= 3:
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    out = "".join(lines) + (rest or "")
+    assert proc.returncode == 0, out[-3000:]
+    stopped = re.search(r"exiting at iteration (\d+) \(received", out)
+    assert stopped, out[-3000:]
+    iteration = int(stopped.group(1))
+    assert 3 <= iteration < 500
+    assert latest_iteration(tmp_path) == iteration  # saved at the step where it stopped
+
+
+def test_exit_reasons_follow_megatron_flags():
+    import argparse
+    import time
+
+    from megatron_dirmoe.training.cpu_loop import _exit_reason
+
+    args = argparse.Namespace(exit_interval=None, exit_signal_handler=False,
+                              exit_duration_in_mins=None)
+    assert _exit_reason(args, 7, time.time()) is None
+    args.exit_interval = 7
+    assert _exit_reason(args, 7, time.time()) == "--exit-interval"
+    args.exit_interval, args.exit_duration_in_mins = None, 2
+    assert _exit_reason(args, 7, time.time() - 60) is None
+    assert _exit_reason(args, 7, time.time() - 121) == "--exit-duration-in-mins 2"
