@@ -194,20 +194,20 @@ class DirichletRouter(Router):
                 with_losses=with_losses,
                 **self._static_kwargs,
             )
-        balance = None
         if with_losses:
-            # One (possibly all-reduced) count of real tokens serves every loss.
-            num_tokens = self._global_token_count(probs.shape[0], valid_T)
-            if self.balance_scale > 0:
-                balance = self._balance_penalty(gate_prob_sum_E, valid_T, num_tokens)
+            # One (possibly all-reduced) count of real tokens serves every loss that needs it.
+            num_tokens = (self._global_token_count(probs.shape[0], valid_T)
+                          if self.aux_loss_coeff > 0 or self.balance_scale > 0
+                          or not self.calculate_per_token_loss else None)
+            balance = (self._balance_penalty(gate_prob_sum_E, valid_T, probs.shape[0], num_tokens)
+                       if self.balance_scale > 0 else None)
             probs = self._attach_losses(probs, loss_sum, num_tokens, balance)
             if self.aux_loss_coeff > 0:
                 probs = self._apply_load_balancing_loss(probs, gate_prob, routing_map, valid_T,
                                                         num_tokens)
-        if with_losses:
-            # Only the forward that builds the graph counts, as Megatron guards its own router's
-            # statistics: under activation recompute the first forward runs without grad and the
-            # re-forward with it, and evaluation passes are not training statistics.
+            # Only the forward that builds the graph records, as Megatron guards its own
+            # router's statistics: under activation recompute the first forward runs without
+            # grad and the re-forward with it, and evaluation passes are not training statistics.
             self._record_metrics(stats, load_E, schedule_2, balance)
         return probs, routing_map
 
@@ -233,7 +233,7 @@ class DirichletRouter(Router):
         return _COMPILED_ROUTING_STEP
 
     # ------------------------------------------------------------------ losses
-    def _balance_penalty(self, gate_prob_sum_E, valid_T, num_tokens):
+    def _balance_penalty(self, gate_prob_sum_E, valid_T, num_local, num_tokens):
         """The aggregate spike prior on the gates' firing rates over the micro-batch's real tokens.
 
         The rates are a statistic of the whole micro-batch across TP x CP x DP (as Megatron's
@@ -243,14 +243,13 @@ class DirichletRouter(Router):
         CP and averaged over DP, which gives the single-rank gradient.
         """
         local_mean_E = gate_prob_sum_E / num_tokens
-        group = self.tp_dp_cp_group
-        if group is None or group.size() == 1:
+        if self.tp_dp_cp_group.size() == 1:
             return balance_penalty(local_mean_E, self.dirmoe_config.target_k)
         # Real tokens on this rank, reduced with the sums in one all-reduce.
         count_1 = (valid_T.sum().float().view(1) if valid_T is not None
-                   else gate_prob_sum_E.new_full((1,), float(num_tokens / self.tp_cp_group.size())))
+                   else gate_prob_sum_E.new_full((1,), float(num_local)))
         stats = torch.cat([gate_prob_sum_E.detach(), count_1])
-        torch.distributed.all_reduce(stats, group=group)
+        torch.distributed.all_reduce(stats, group=self.tp_dp_cp_group)
         global_mean_E = stats[:-1] / stats[-1].clamp(min=1.0)
         mean_E = local_mean_E + (global_mean_E - local_mean_E).detach()
         return balance_penalty(mean_E, self.dirmoe_config.target_k)
@@ -416,7 +415,6 @@ def _routing_step(
         leak=leak,
         max_active=max_active,
         rule=rule,
-        fallback_k=fallback_k,
     )
     return (probs_TE, routing_map_TE, loss_sum, stats, load_E, result.gate_prob_TE,
             gate_prob_sum_E)

@@ -114,7 +114,7 @@ class RoutingResult:
     gate_prob_TE: torch.Tensor  # pi = sigmoid(l / tau): gate firing probability
     gate_TE: torch.Tensor  # z: relaxed Bernoulli sample (training) or pi (eval)
     alpha_q_TE: torch.Tensor  # posterior Dirichlet concentration
-    weights_TE: torch.Tensor  # w: combined, leaked and normalised weights (sum to 1)
+    weights_TE: torch.Tensor  # w: combined, leaked, normalised weights (rule "gate": = probs)
     fallback_T: torch.Tensor  # bool [T]: no expert passed the rule -> fallback (top fallback_k)
     capped_T: torch.Tensor  # bool [T]: more than max_active passed -> cut to the largest
 
@@ -180,25 +180,26 @@ def route(
     else:
         theta_TE = alpha_q_TE / alpha_q_TE.sum(dim=-1, keepdim=True)
 
-    # 4. Combine with the leak before normalising (no row can be all-zero).
-    mixed_TE = gate_TE * theta_TE + leak
-    weights_TE = mixed_TE / mixed_TE.sum(dim=-1, keepdim=True)
-
-    # 5. Routing map: the rule's active set, at most `max_active` (largest score); a token where
-    #    none passes gets its `fallback_k` largest. Rule "gate" scores by pi, rule "weight" by w.
-    score_TE = gate_prob_TE if rule == "gate" else weights_TE
-    threshold = 0.5 if rule == "gate" else route_threshold
-    with torch.no_grad():
-        routing_map_TE, fallback_T, capped_T = _active_set(score_TE, threshold, max_active,
-                                                           fallback_k)
-
     if rule == "gate":
+        # 4-5. Active set: gates with pi >= 1/2 (the spike's mode), at most `max_active` (largest
+        #      pi); a token where none passes gets its `fallback_k` most likely experts.
+        with torch.no_grad():
+            routing_map_TE, fallback_T, capped_T = _active_set(gate_prob_TE, 0.5, max_active,
+                                                               fallback_k)
         theta_active_TE = theta_TE * routing_map_TE
         if renormalize:
             theta_active_TE = theta_active_TE / theta_active_TE.sum(dim=-1, keepdim=True)
         # Straight-through gate: 1 on the active set in the forward, dz/dl in the backward.
         probs_TE = (routing_map_TE.float() + gate_TE - gate_TE.detach()) * theta_active_TE
+        weights_TE = probs_TE  # the rule's weights are the dispatcher's: no leaked mixture
     else:
+        # 4. Combine with the leak before normalising (no row can be all-zero).
+        mixed_TE = gate_TE * theta_TE + leak
+        weights_TE = mixed_TE / mixed_TE.sum(dim=-1, keepdim=True)
+        # 5. Active set: w >= threshold, at most `max_active` (largest w), argmax when none.
+        with torch.no_grad():
+            routing_map_TE, fallback_T, capped_T = _active_set(weights_TE, route_threshold,
+                                                               max_active, fallback_k)
         probs_TE = weights_TE * routing_map_TE
         if renormalize:
             probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
@@ -221,18 +222,17 @@ def _active_set(score_TE: torch.Tensor, threshold: float, max_active: int, fallb
     capped [T])."""
     over_TE = score_TE >= threshold
     num_over_T = over_TE.sum(dim=-1)
-    num_experts = score_TE.shape[-1]
-    if max_active < num_experts:
-        top_idx_TM = torch.topk(score_TE, max_active, dim=-1).indices
+    # One sorted top-k serves both the cap and the fallback (fallback_k <= max_active).
+    capping = max_active < score_TE.shape[-1]
+    top_idx_TM = torch.topk(score_TE, max_active if capping else fallback_k, dim=-1).indices
+    if capping:
         top_TE = torch.zeros_like(over_TE).scatter_(1, top_idx_TM, True)
         routing_map_TE = over_TE & top_TE
     else:
         routing_map_TE = over_TE.clone()
     fallback_T = num_over_T == 0
-    # Only rows where nothing passed get the fallback: with saturated (tied) scores the argmax
-    # may differ from topk's choice, and adding it elsewhere would exceed max_active.
-    fallback_idx_TK = torch.topk(score_TE, fallback_k, dim=-1).indices
-    fallback_TE = torch.zeros_like(over_TE).scatter_(1, fallback_idx_TK, True)
+    # Only rows where nothing passed get the fallback, so it can never exceed max_active.
+    fallback_TE = torch.zeros_like(over_TE).scatter_(1, top_idx_TM[:, :fallback_k], True)
     routing_map_TE |= fallback_TE & fallback_T[:, None]
     return routing_map_TE, fallback_T, num_over_T > max_active
 
@@ -317,7 +317,6 @@ def routing_statistics(
     leak: float,
     max_active: int,
     rule: str = "weight",
-    fallback_k: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing-health statistics over real (non-padded) tokens, as one vector (see
     `STAT_NAMES`) plus the routed-token count per expert [E].
@@ -337,9 +336,11 @@ def routing_statistics(
         num_valid = weight_T.sum().clamp(min=1.0)
         active_T = routing_map_TE.sum(dim=-1).float()
 
-        eval_active_T = eval_active_count(result, route_threshold=route_threshold,
-                                          leak=leak, max_active=max_active, rule=rule,
-                                          fallback_k=fallback_k)
+        if rule == "gate":  # training routes by the same deterministic rule as evaluation
+            eval_active_T = active_T
+        else:
+            eval_active_T = eval_active_count(result, route_threshold=route_threshold,
+                                              leak=leak, max_active=max_active)
 
         zeros_T = torch.zeros_like(weight_T)
         per_token_TS = torch.stack(

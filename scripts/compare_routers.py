@@ -134,7 +134,7 @@ PRESETS = {
 def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: list[str],
                meta: dict, heldout_split: str = "test") -> None:
     """Train one router through the pretraining entry's parser and loop, analyse it on the
-    test split, write the run's record."""
+    held-out split (test, or valid while choosing settings), write the run's record."""
     from megatron.training.global_vars import (
         get_tokenizer,
         set_global_variables,
@@ -155,16 +155,15 @@ def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: lis
     result = train_on_cpu(args, device=device)
     train_seconds = time.time() - t0
 
-    sizes = num_samples_per_split(args)
-    sizes[2] = max(sizes[2], heldout_sequences)
-    sizes[1] = max(sizes[1], heldout_sequences)
-    _, valid_ds, test_ds = build_gpt_datasets(args, get_tokenizer(), sizes,
-                                              create_attention_mask=False)
     # Settings are chosen on the validation split; the test split is for the final table only.
-    test_ds = valid_ds if heldout_split == "valid" else test_ds
-    count = min(heldout_sequences, len(test_ds))
+    split = 1 if heldout_split == "valid" else 2
+    sizes = num_samples_per_split(args)
+    sizes[split] = max(sizes[split], heldout_sequences)
+    heldout_ds = build_gpt_datasets(args, get_tokenizer(), sizes,
+                                    create_attention_mask=False)[split]
+    count = min(heldout_sequences, len(heldout_ds))
     mbs = args.micro_batch_size
-    batches = [batch_from_dataset(test_ds, start, min(mbs, count - start), device)
+    batches = [batch_from_dataset(heldout_ds, start, min(mbs, count - start), device)
                for start in range(0, count, mbs)]
     layers, heldout_loss = record_routing(result.model, batches)
     classes_T = token_classes(layers[0].token_ids_T)  # the same tokens reach every layer

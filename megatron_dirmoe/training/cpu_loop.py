@@ -138,12 +138,12 @@ def _exit_reason(args, iteration: int, t_start: float) -> Optional[str]:
     --exit-duration-in-mins of training time."""
     if args.exit_interval and iteration % args.exit_interval == 0:
         return "--exit-interval"
-    if getattr(args, "exit_signal_handler", False):
+    if args.exit_signal_handler:
         from megatron.training.global_vars import get_signal_handler
 
         if any(get_signal_handler().signals_received()):
-            return f"received {getattr(args, 'exit_signal', 'the exit signal')!s}"
-    minutes = getattr(args, "exit_duration_in_mins", None)
+            return f"received {args.exit_signal!s}"
+    minutes = args.exit_duration_in_mins
     if minutes and (time.time() - t_start) / 60.0 > minutes:
         return f"--exit-duration-in-mins {minutes}"
     return None
