@@ -14,7 +14,7 @@ Megatron-dependent names are imported lazily, so `megatron_dirmoe.config` and
 
 from importlib import import_module
 
-from megatron_dirmoe.config import DirMoEConfig, add_dirmoe_args, config_from_args
+from megatron_dirmoe.config import DirMoEConfig, add_dirmoe_args, dirmoe_config_from_args
 
 __version__ = "0.1.0"
 
@@ -29,7 +29,7 @@ _LAZY = {
     "build_gpt_model": "megatron_dirmoe.model",
 }
 
-__all__ = ["DirMoEConfig", "add_dirmoe_args", "config_from_args", *_LAZY]
+__all__ = ["DirMoEConfig", "add_dirmoe_args", "dirmoe_config_from_args", *_LAZY]
 
 
 def __getattr__(name: str):

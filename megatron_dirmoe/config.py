@@ -2,8 +2,8 @@
 
 This module is the single place where a DirMoE default is written down. The command-line flags
 (`--dirmoe-<field-name-with-dashes>`) are generated from the dataclass fields by
-:func:`add_dirmoe_args`, and :func:`config_from_args` maps a parsed namespace back, so a field and
-its flag cannot drift apart.
+:func:`add_dirmoe_args`, and :func:`dirmoe_config_from_args` maps a parsed namespace back (or
+reads the resolved config a run stored in its args), so a field and its flag cannot drift apart.
 
 Pure Python: no torch, no Megatron imports (the HF model code and the tests import it freely).
 """
@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["DirMoEConfig", "RECIPES", "add_dirmoe_args", "config_from_args", "flag_name"]
+__all__ = ["DirMoEConfig", "RECIPES", "add_dirmoe_args", "dirmoe_config_from_args", "flag_name",
+           "IMPLICIT_IN_OLDER_CHECKPOINTS"]
 
 FLAG_PREFIX = "--dirmoe-"
 
@@ -26,6 +27,10 @@ DEFAULT_PRIOR_RATIO = 39.7
 
 # Named recipes (`--dirmoe-recipe`); the first is the default.
 RECIPES = ("calibrated", "paper")
+
+# Fields added after runs first stored their resolved config, with the value those runs used:
+# a checkpoint without `recipe` trained with the paper recipe.
+IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper"}
 
 
 def _doc(text: str, **kwargs: Any):
@@ -303,22 +308,38 @@ def add_dirmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace, num_experts: Optional[int] = None) -> DirMoEConfig:
-    """Build (and validate) a :class:`DirMoEConfig` from a namespace parsed with
-    :func:`add_dirmoe_args`; flags the user did not give keep the dataclass default."""
-    given = {}
-    for f in dataclasses.fields(DirMoEConfig):
-        value = getattr(args, f"dirmoe_{f.name}", None)
-        if value is not None:
-            given[f.name] = value
-    config = DirMoEConfig(**given)
-    # A flag that the chosen recipe ignores is a mistake worth stopping for.
-    ignored = {"paper": ("balance_weight", "count_weight"),
-               "calibrated": ("route_threshold", "sparsity_weight")}[config.recipe]
-    for name in ignored:
-        if name in given:
-            raise ValueError(f"{flag_name(name)} has no effect with {flag_name('recipe')} "
-                             f"{config.recipe}")
+def dirmoe_config_from_args(args: argparse.Namespace,
+                            num_experts: Optional[int] = None) -> DirMoEConfig:
+    """The run's validated :class:`DirMoEConfig` from a namespace.
+
+    A namespace that carries ``dirmoe_config`` (the dict the pretraining entry resolves at
+    start-up and saves with every checkpoint's args) gives exactly that config. Otherwise the
+    ``--dirmoe-*`` flags of a namespace parsed with :func:`add_dirmoe_args` are read; flags not
+    given keep the dataclass default, and the schedule horizon defaults to ``args.train_iters``
+    when the namespace has one. Validated for `num_experts` (default ``args.num_experts``) when
+    known; errors name the flag.
+    """
+    if num_experts is None:
+        num_experts = getattr(args, "num_experts", None)
+    stored = getattr(args, "dirmoe_config", None)
+    if isinstance(stored, dict):
+        config = DirMoEConfig(**{**IMPLICIT_IN_OLDER_CHECKPOINTS, **stored})
+    else:
+        given = {}
+        for f in dataclasses.fields(DirMoEConfig):
+            value = getattr(args, f"dirmoe_{f.name}", None)
+            if value is not None:
+                given[f.name] = value
+        config = DirMoEConfig(**given)
+        # A flag that the chosen recipe ignores is a mistake worth stopping for.
+        ignored = {"paper": ("balance_weight", "count_weight"),
+                   "calibrated": ("route_threshold", "sparsity_weight")}[config.recipe]
+        for name in ignored:
+            if name in given:
+                raise ValueError(f"{flag_name(name)} has no effect with {flag_name('recipe')} "
+                                 f"{config.recipe}")
+        if getattr(args, "train_iters", None):
+            config = config.with_schedule_horizon(args.train_iters)
     if num_experts is not None:
         config.validate_for(num_experts)
     return config

@@ -11,29 +11,20 @@ repository on ``PYTHONPATH``, including a login node or the host side of a conta
 Defaults are resolved like the entry point does (Megatron's < the paper's < ``--preset`` < the
 command line) by reading ``megatron_dirmoe.training.arguments``' tables.
 
-Rules (Megatron-Core 0.19 ``parallel_state.initialize_model_parallel`` and
-``megatron.training.arguments.validate_args``, plus DirMoE's ``layout.validate_layout``):
-
-* dense grid: world = TP x PP x CP x DP, so world % (TP x PP x CP) == 0;
-* expert grid: world = ETP x EP x EDP x PP (ETP defaults to TP), so world % (ETP x EP x PP) == 0;
-  with ETP = TP this is "EP divides CP x DP";
-* experts split evenly: num_experts % EP == 0;
-* batch: global % (micro x DP) == 0; the quotient is the number of micro-batches per step;
-* num_layers % PP == 0 (no uneven first/last stage), num_attention_heads % TP == 0;
-* DirMoE: a variable-k token dispatcher, sequence parallelism when TP > 1, no Megatron capacity
-  factor, no CUDA graphs over the MoE layer (see `megatron_dirmoe.layout`).
+The rules themselves live in `megatron_dirmoe.layout` (`check_layout`), which the training entry
+point also calls at start-up: the dry run and the job apply the same rules.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Optional, Sequence
 
-from megatron_dirmoe.config import add_dirmoe_args, config_from_args
+from megatron_dirmoe.config import add_dirmoe_args
+from megatron_dirmoe.layout import Layout, LayoutError, check_layout, moe_layer_numbers
 
 __all__ = [
     "Layout",
@@ -48,37 +39,6 @@ __all__ = [
 # Vocabulary assumed for the parameter estimate when --vocab-size is not given (a tokenizer file
 # decides it at run time); printed with the estimate.
 ASSUMED_VOCAB_SIZE = 32000
-
-
-class LayoutError(ValueError):
-    """A parallel layout or batch size Megatron cannot run."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A resolved parallel layout and the batch arithmetic of one training step."""
-
-    world_size: int
-    tp: int
-    pp: int
-    cp: int
-    dp: int
-    ep: int
-    etp: int
-    expert_dp: int
-    num_experts: int
-    micro_batch_size: int
-    global_batch_size: int
-    num_microbatches: int
-    seq_length: int
-
-    @property
-    def experts_per_rank(self) -> int:
-        return self.num_experts // self.ep
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch_size * self.seq_length
 
 
 # ---------------------------------------------------------------------- argument resolution
@@ -148,104 +108,6 @@ def resolve_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------------- the check
-def _require(flag: str, value) -> int:
-    if value is None:
-        raise LayoutError(f"{flag} is required (no preset or default sets it)")
-    if value < 1:
-        raise LayoutError(f"{flag} = {value} must be >= 1")
-    return value
-
-
-def check_layout(args: argparse.Namespace, world_size: int) -> Layout:
-    """Resolve the layout of ``args`` on ``world_size`` ranks; raise `LayoutError` naming the
-    flag to change when Megatron (or DirMoE) cannot run it."""
-    if world_size < 1:
-        raise LayoutError(f"world size {world_size} must be >= 1")
-    tp = _require("--tensor-model-parallel-size", args.tensor_model_parallel_size)
-    pp = _require("--pipeline-model-parallel-size", args.pipeline_model_parallel_size)
-    cp = _require("--context-parallel-size", args.context_parallel_size)
-    ep = _require("--expert-model-parallel-size", args.expert_model_parallel_size)
-    etp = _require("--expert-tensor-parallel-size", args.expert_tensor_parallel_size or tp)
-    num_experts = _require("--num-experts", args.num_experts)
-    mbs = _require("--micro-batch-size", args.micro_batch_size)
-    num_layers = _require("--num-layers", args.num_layers)
-    heads = _require("--num-attention-heads", args.num_attention_heads)
-    seq = _require("--seq-length", args.seq_length)
-
-    if world_size % (tp * pp * cp):
-        raise LayoutError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
-            f"--pipeline-model-parallel-size x --context-parallel-size ({tp} x {pp} x {cp} = "
-            f"{tp * pp * cp})"
-        )
-    dp = world_size // (tp * pp * cp)
-    if num_experts % ep:
-        raise LayoutError(
-            f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep}"
-        )
-    if world_size % (etp * ep * pp):
-        raise LayoutError(
-            f"world size {world_size} is not divisible by --expert-tensor-parallel-size x "
-            f"--expert-model-parallel-size x --pipeline-model-parallel-size ({etp} x {ep} x {pp}"
-            f" = {etp * ep * pp}): Megatron lays the experts out as ETP x EP x expert-DP x PP "
-            f"over the same {world_size} ranks"
-        )
-    expert_dp = world_size // (etp * ep * pp)
-    gbs = args.global_batch_size if args.global_batch_size is not None else mbs * dp
-    if gbs % (mbs * dp):
-        raise LayoutError(
-            f"--global-batch-size {gbs} is not divisible by --micro-batch-size x data-parallel "
-            f"size ({mbs} x {dp} = {mbs * dp}; DP = world {world_size} / (TP {tp} x PP {pp} x "
-            f"CP {cp}))"
-        )
-    uneven = (args.decoder_first_pipeline_num_layers is not None
-              or args.decoder_last_pipeline_num_layers is not None)
-    if not uneven and num_layers % pp:
-        raise LayoutError(
-            f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {pp}"
-        )
-    if heads % tp:
-        raise LayoutError(
-            f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp}"
-        )
-    if args.num_query_groups is not None and args.group_query_attention and args.num_query_groups % tp:
-        raise LayoutError(
-            f"--num-query-groups {args.num_query_groups} is not divisible by "
-            f"--tensor-model-parallel-size {tp}"
-        )
-    if args.dirmoe_router == "dirichlet":
-        _check_dirmoe(args, world_size)
-    return Layout(
-        world_size=world_size, tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, etp=etp, expert_dp=expert_dp,
-        num_experts=num_experts, micro_batch_size=mbs, global_batch_size=gbs,
-        num_microbatches=gbs // (mbs * dp), seq_length=seq,
-    )
-
-
-def _check_dirmoe(args: argparse.Namespace, world_size: int) -> None:
-    from megatron_dirmoe.layout import validate_layout
-
-    try:
-        cfg = config_from_args(args, num_experts=args.num_experts)
-    except ValueError as exc:
-        raise LayoutError(str(exc)) from exc
-    view = argparse.Namespace(**vars(args))
-    if view.moe_router_topk is None:  # the entry point sets it to max_active
-        view.moe_router_topk = cfg.max_active_for(args.num_experts)
-    elif view.moe_router_topk < cfg.max_active_for(args.num_experts):
-        raise LayoutError(
-            f"--moe-router-topk {view.moe_router_topk} is below DirMoE's max_active "
-            f"{cfg.max_active_for(args.num_experts)}; leave it unset"
-        )
-    view.moe_router_topk = cfg.max_active_for(args.num_experts)
-    view.sequence_parallel = bool(view.sequence_parallel)
-    try:
-        validate_layout(view, cfg, world_size=world_size)
-    except ValueError as exc:
-        raise LayoutError(str(exc)) from exc
-
-
 # ---------------------------------------------------------------------- model size
 def parameter_counts(args: argparse.Namespace) -> tuple[int, int, int]:
     """(total, active per token, vocab size used) parameters of the DirMoE GPT ``args``
@@ -265,7 +127,7 @@ def parameter_counts(args: argparse.Namespace) -> tuple[int, int, int]:
     num_experts = args.num_experts
     k = args.dirmoe_target_k or 1
     router = 2 * num_experts * h + num_experts  # DirMoE: stacked [2E, h] weight + spike bias
-    moe_layers = _moe_layer_count(args.moe_layer_freq, L)
+    moe_layers = len(moe_layer_numbers(args.moe_layer_freq, L))
     norms = 2 * h
     embeddings = vocab * h * (2 if args.untie_embeddings_and_output_weights else 1)
     total = (L * (attention + norms) + moe_layers * (num_experts * expert + router)
@@ -273,28 +135,6 @@ def parameter_counts(args: argparse.Namespace) -> tuple[int, int, int]:
     active = (L * (attention + norms) + moe_layers * (k * expert + router)
               + (L - moe_layers) * dense_mlp + embeddings + h)
     return total, active, vocab
-
-
-def _moe_layer_count(freq, num_layers: int) -> int:
-    """MoE layers under ``--moe-layer-freq``: an int (every n-th layer) or Megatron's pattern
-    string such as ``"([1]*3+[0]*1)*3"``."""
-    if isinstance(freq, int) or (isinstance(freq, str) and freq.isdigit()):
-        return len(range(0, num_layers, int(freq)))
-    if isinstance(freq, str):
-        freq = _eval_pattern(ast.parse(freq, mode="eval").body)
-    return int(sum(freq))
-
-
-def _eval_pattern(node: ast.AST):
-    """Evaluate a list/int expression built from literals, ``+`` and ``*`` only."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, int):
-        return node.value
-    if isinstance(node, ast.List):
-        return [_eval_pattern(e) for e in node.elts]
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
-        left, right = _eval_pattern(node.left), _eval_pattern(node.right)
-        return left + right if isinstance(node.op, ast.Add) else left * right
-    raise LayoutError(f"--moe-layer-freq: cannot read {ast.dump(node)}")
 
 
 # ---------------------------------------------------------------------- Slurm time strings

@@ -35,14 +35,8 @@ PP=${PP:-1}
 EP=${EP:-8}
 # ----------------------------------------------------------------------------------------------
 
-# sbatch runs a copy of this file from slurmd's spool directory: ask Slurm where the submitted
-# file lives to find the repository (or set DIRMOE_HOME).
-if [[ -z ${DIRMOE_HOME:-} && -n ${SLURM_JOB_ID:-} ]]; then
-  DIRMOE_SCRIPT=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p')
-  [[ $DIRMOE_SCRIPT == /* ]] || DIRMOE_SCRIPT=$SLURM_SUBMIT_DIR/$DIRMOE_SCRIPT
-  DIRMOE_HOME=$(cd "$(dirname "$DIRMOE_SCRIPT")/.." && pwd)
-fi
-DIRMOE_HOME=${DIRMOE_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
-# shellcheck source=slurm/common.sh
+# sbatch runs a spooled copy of this file: find slurm/common.sh beside the submitted one.
+_submitted=$({ [[ -n ${SLURM_JOB_ID:-} ]] && scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p'; } || echo "${BASH_SOURCE[0]}")
+DIRMOE_HOME=${DIRMOE_HOME:-$(cd "${SLURM_SUBMIT_DIR:-.}" && cd "$(dirname "$_submitted")/.." && pwd)}
 source "$DIRMOE_HOME/slurm/common.sh"
 dirmoe_main "$@"

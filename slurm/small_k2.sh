@@ -19,11 +19,7 @@ set -euo pipefail
 
 TARGET_K=${TARGET_K:-2}
 
-if [[ -z ${DIRMOE_HOME:-} && -n ${SLURM_JOB_ID:-} ]]; then
-  DIRMOE_SCRIPT=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p')
-  [[ $DIRMOE_SCRIPT == /* ]] || DIRMOE_SCRIPT=$SLURM_SUBMIT_DIR/$DIRMOE_SCRIPT
-  DIRMOE_HOME=$(cd "$(dirname "$DIRMOE_SCRIPT")/.." && pwd)
-fi
-DIRMOE_HOME=${DIRMOE_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
-# shellcheck source=slurm/small.sh
+# sbatch runs a spooled copy of this file: find slurm/small.sh beside the submitted one.
+_submitted=$({ [[ -n ${SLURM_JOB_ID:-} ]] && scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p'; } || echo "${BASH_SOURCE[0]}")
+DIRMOE_HOME=${DIRMOE_HOME:-$(cd "${SLURM_SUBMIT_DIR:-.}" && cd "$(dirname "$_submitted")/.." && pwd)}
 source "$DIRMOE_HOME/slurm/small.sh"

@@ -20,12 +20,14 @@ from typing import Optional, Union
 
 import torch
 
+from megatron_dirmoe.config import dirmoe_config_from_args
+
 __all__ = [
     "resolve_checkpoint_dir",
     "read_common_state",
-    "transformer_config_from_args",
+    "cpu_args",
     "dirmoe_config_from_args",
-    "build_model_from_args",
+    "build_cpu_model",
     "load_megatron_model",
     "save_megatron_checkpoint",
     "ensure_single_rank_world",
@@ -33,8 +35,6 @@ __all__ = [
     "match_checkpoint_keys",
     "CHECKPOINT_KEY_ALIASES",
 ]
-
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
 # Overrides that rebuild a training run's architecture on one CPU rank in fp32. None of them
 # changes a parameter's name or global shape.
@@ -110,21 +110,21 @@ def parse_megatron_args(argv: list[str], world_size: int = 1) -> Namespace:
 def resolve_checkpoint_dir(path: Union[str, Path], iteration: Optional[int] = None) -> Path:
     """The `iter_XXXXXXX` directory to read: `path` itself if it is one, else the iteration
     named by `iteration` or by `path/latest_checkpointed_iteration.txt`."""
+    from megatron_dirmoe.training.checkpointing import (checkpoint_dir, latest_iteration,
+                                                        tracker_file)
+
     path = Path(path)
     if (path / "metadata.json").exists() and iteration is None:
         return path
     if iteration is None:
-        tracker = path / TRACKER_FILE
-        if not tracker.exists():
+        iteration = latest_iteration(path)
+        if iteration is None:
             raise FileNotFoundError(
                 f"{path} is neither a distributed checkpoint directory (no metadata.json) nor a "
-                f"save directory (no {TRACKER_FILE}); pass --iteration or the iter_* directory"
+                f"save directory (no {tracker_file(path).name}); pass --iteration or the iter_* "
+                "directory"
             )
-        text = tracker.read_text().strip()
-        if not text.isdigit():
-            raise ValueError(f"{tracker} holds {text!r}, not an iteration number")
-        iteration = int(text)
-    ckpt = path / f"iter_{iteration:07d}"
+    ckpt = checkpoint_dir(path, iteration)
     if not (ckpt / "metadata.json").exists():
         raise FileNotFoundError(f"{ckpt} is not a distributed checkpoint (no metadata.json)")
     return ckpt
@@ -173,37 +173,24 @@ def _check_supported(args: Namespace) -> None:
         raise ValueError("cannot convert this checkpoint: unsupported " + "; ".join(problems))
 
 
-def transformer_config_from_args(args: Namespace, *, single_rank: bool = True):
-    """Megatron's own args -> TransformerConfig mapping, on a CPU fp32 copy of `args` (local
-    modules, sequential experts, no fusions) with TP = PP = EP = 1 unless `single_rank=False`
-    (the saved layout is kept; used to build the multi-rank models of the tests)."""
-    from megatron.training.argument_utils import core_transformer_config_from_args
-
+def cpu_args(args: Namespace, *, single_rank: bool = True) -> Namespace:
+    """A copy of a run's `args` that rebuilds its architecture on CPU in fp32 (local modules,
+    sequential experts, no fusions), with TP = PP = EP = 1 unless `single_rank=False` (the saved
+    layout is kept; used to build the multi-rank models of the tests). Refuses architectures
+    the HF model does not implement."""
     _check_supported(args)
     local = copy.copy(args)
     overrides = dict(_CPU_FP32_ARGS, **(_SINGLE_RANK_ARGS if single_rank else {}))
     for key, value in overrides.items():
         setattr(local, key, value)
-    return core_transformer_config_from_args(local)
-
-
-def dirmoe_config_from_args(args: Namespace):
-    """The run's `DirMoEConfig`: as resolved at start-up by the pretraining entry point
-    (``args.dirmoe_config``), else from the ``--dirmoe-*`` flags with the schedule horizon
-    defaulting to --train-iters."""
-    from megatron_dirmoe.config import DirMoEConfig, config_from_args
-
-    if isinstance(getattr(args, "dirmoe_config", None), dict):
-        return DirMoEConfig(**args.dirmoe_config).validate_for(args.num_experts)
-    config = config_from_args(args, args.num_experts)
-    if config.schedule_iters is None:
-        if not getattr(args, "train_iters", None):
-            raise ValueError(
-                "the checkpoint's args set neither --dirmoe-schedule-iters nor --train-iters; "
-                "the router temperature at the checkpoint's iteration is undefined"
-            )
-        config = config.with_schedule_horizon(args.train_iters)
-    return config
+    local.dirmoe_use_cuda = False
+    local.dirmoe_router = "dirichlet"  # `_check_supported` refused anything else
+    if dirmoe_config_from_args(local).schedule_iters is None:
+        raise ValueError(
+            "the checkpoint's args set neither --dirmoe-schedule-iters nor --train-iters; "
+            "the router temperature at the checkpoint's iteration is undefined"
+        )
+    return local
 
 
 def ensure_single_rank_world() -> None:
@@ -231,28 +218,19 @@ def _vocab_size(args: Namespace, ckpt_dir: Optional[Path]) -> int:
     raise ValueError("cannot tell the vocabulary size: args.padded_vocab_size is unset")
 
 
-def build_model_from_args(args: Namespace, ckpt_dir: Optional[Path] = None, *,
-                          single_rank: bool = True, pre_process: bool = True,
-                          post_process: bool = True):
-    """The run's GPT with DirMoE routers on CPU in fp32: on one rank, or (``single_rank=False``)
-    in the run's own TP/PP/EP layout (Megatron's parallel state must match; give the pipeline
-    stage with `pre_process` / `post_process`)."""
-    from megatron_dirmoe.model import build_gpt_model
+def build_cpu_model(args: Namespace, ckpt_dir: Optional[Path] = None, *,
+                    single_rank: bool = True, pre_process: bool = True,
+                    post_process: bool = True):
+    """The run's GPT with DirMoE routers on CPU in fp32 (see `cpu_args`), built by the same
+    builder as training: on one rank, or (``single_rank=False``) in the run's own TP/PP/EP
+    layout (Megatron's parallel state must match; give the pipeline stage with `pre_process` /
+    `post_process`)."""
+    from megatron_dirmoe.training.builders import build_model_from_args
 
-    config = transformer_config_from_args(args, single_rank=single_rank)
-    model = build_gpt_model(
-        config,
-        dirmoe_config_from_args(args),
-        vocab_size=_vocab_size(args, ckpt_dir),
-        max_sequence_length=args.max_position_embeddings or args.seq_length,
-        use_te=False,
-        position_embedding_type="rope",
-        rotary_base=int(getattr(args, "rotary_base", 10000)),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        pre_process=pre_process,
-        post_process=post_process,
-    )
-    return model
+    local = cpu_args(args, single_rank=single_rank)
+    local.padded_vocab_size = _vocab_size(args, ckpt_dir)
+    local.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    return build_model_from_args(local, pre_process=pre_process, post_process=post_process)
 
 
 # Where the local and the Transformer Engine specs save the same tensor under different names
@@ -307,7 +285,7 @@ def load_megatron_model(path: Union[str, Path], iteration: Optional[int] = None)
     ckpt_dir = resolve_checkpoint_dir(path, iteration)
     args, ckpt_iteration = read_common_state(ckpt_dir)
     ensure_single_rank_world()
-    model = build_model_from_args(args, ckpt_dir)
+    model = build_cpu_model(args, ckpt_dir)
     metadata = dist_checkpointing.load_content_metadata(str(ckpt_dir))
     sharded = model.sharded_state_dict(**({"metadata": metadata} if metadata else {}))
     match_checkpoint_keys(sharded, dist_checkpointing.load_tensors_metadata(str(ckpt_dir)))
@@ -327,10 +305,10 @@ def save_megatron_checkpoint(
     optimizer): enough to convert, or to start a new run with --finetune / --no-load-optim."""
     import torch.distributed as dist
 
-    from megatron_dirmoe.training.checkpointing import dist_save
+    from megatron_dirmoe.training.checkpointing import checkpoint_dir, dist_save, write_tracker
 
     save_dir = Path(save_dir)
-    ckpt_dir = save_dir / f"iter_{iteration:07d}"
+    ckpt_dir = checkpoint_dir(save_dir, iteration)
     if not dist.is_initialized() or dist.get_rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
@@ -343,7 +321,7 @@ def save_megatron_checkpoint(
     }
     dist_save(state, ckpt_dir)  # the entry point's writer (also works without a GPU)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        (save_dir / TRACKER_FILE).write_text(f"{iteration}\n")
+        write_tracker(save_dir, iteration)
     if dist.is_initialized():
         dist.barrier()
     return ckpt_dir

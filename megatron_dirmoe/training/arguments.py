@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_dirmoe.config import DirMoEConfig, add_dirmoe_args, config_from_args, flag_name
+from megatron_dirmoe.config import add_dirmoe_args, dirmoe_config_from_args
+from megatron_dirmoe.layout import LayoutError, check_layout, megatron_topk_for
 
 __all__ = [
     "PAPER_DEFAULTS",
@@ -26,7 +27,6 @@ __all__ = [
     "add_launcher_args",
     "build_parser",
     "parse_pretrain_args",
-    "dirmoe_config_from_args",
 ]
 
 # The paper's optimisation recipe (AdamW, lr 1e-4, weight decay 1e-2, 1% warm-up then cosine to
@@ -107,6 +107,9 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--dirmoe-allow-config-change", action="store_true",
                        help="resume even though the DirMoE router settings or schedule horizon "
                             "differ from the checkpoint's (by default that stops the run)")
+    group.add_argument("--dirmoe-peak-tflops", type=float, default=None,
+                       help="peak dense bf16 TFLOP/s of one device, for the MFU in the logs "
+                            "(default: known GPUs by name, e.g. H100/H200 989; none on CPU)")
     group.add_argument("--dirmoe-no-fp32-training", dest="dirmoe_bf16_default",
                        action="store_false", default=True,
                        help="do not default to bf16 on CUDA when neither --bf16 nor --fp16 is "
@@ -143,13 +146,6 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def dirmoe_config_from_args(args: argparse.Namespace) -> DirMoEConfig:
-    """The run's `DirMoEConfig`: the --dirmoe-* flags, validated for --num-experts, with the
-    schedule horizon defaulting to --train-iters."""
-    cfg = config_from_args(args, num_experts=args.num_experts)
-    return cfg.with_schedule_horizon(args.train_iters)
-
-
 def parse_pretrain_args(
     argv: Optional[Sequence[str]] = None, *, validate: bool = True
 ) -> argparse.Namespace:
@@ -182,6 +178,8 @@ def parse_pretrain_args(
 
     if args.train_iters is None:
         parser.error("--train-iters is required (the DirMoE schedules are defined over it)")
+    if args.dirmoe_peak_tflops is not None and not args.dirmoe_peak_tflops > 0:
+        parser.error(f"--dirmoe-peak-tflops {args.dirmoe_peak_tflops}: must be > 0")
     if not set(_WARMUP_FLAGS) & given:
         args.lr_warmup_fraction = PAPER_WARMUP_FRACTION
     try:
@@ -189,15 +187,9 @@ def parse_pretrain_args(
     except ValueError as exc:
         parser.error(str(exc))
     args.dirmoe_config = dataclasses.asdict(cfg)
-    if args.dirmoe_router == "dirichlet":
-        # The dispatcher sizes its buffers with topk as an upper bound of the active experts.
-        if "--moe-router-topk" not in given:
-            args.moe_router_topk = cfg.max_active_for(args.num_experts)
-        elif args.moe_router_topk < cfg.max_active_for(args.num_experts):
-            parser.error(
-                f"--moe-router-topk ({args.moe_router_topk}) must be >= the DirMoE cap "
-                f"{flag_name('max_active')} ({cfg.max_active_for(args.num_experts)})"
-            )
+    if args.dirmoe_router == "dirichlet" and "--moe-router-topk" not in given:
+        # The dispatcher sizes its buffers with topk as the cap on active experts per token.
+        args.moe_router_topk = megatron_topk_for(cfg, args.num_experts)
 
     if not use_cuda:
         _cpu_overrides(args, given)
@@ -210,6 +202,10 @@ def parse_pretrain_args(
         args.apply_rope_fusion = False  # needs TE
     if args.gradient_accumulation_fusion and not _module_available("fused_weight_gradient_mlp_cuda"):
         args.gradient_accumulation_fusion = False  # needs apex's CUDA extension
+    try:  # the rules `python -m megatron_dirmoe.launch check` (DRY_RUN=1) applies too
+        check_layout(args, args.world_size)
+    except LayoutError as exc:
+        parser.error(str(exc))
     if not (set(_DATA_FLAGS) & given):
         _use_embedded_corpus(args, given)
 

@@ -6,15 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from megatron_dirmoe.config import DirMoEConfig
+from megatron_dirmoe.config import dirmoe_config_from_args
 
-__all__ = ["dirmoe_config_of", "transformer_config_from_args", "build_model_from_args",
-           "moe_layer_numbers"]
-
-
-def dirmoe_config_of(args: argparse.Namespace) -> DirMoEConfig:
-    """The run's `DirMoEConfig` as resolved at start-up (stored in ``args.dirmoe_config``)."""
-    return DirMoEConfig(**args.dirmoe_config)
+__all__ = ["transformer_config_from_args", "build_model_from_args"]
 
 
 def transformer_config_from_args(args: argparse.Namespace):
@@ -48,7 +42,7 @@ def build_model_from_args(args: argparse.Namespace, config=None, *, pre_process:
     use_te = None if args.transformer_impl == "transformer_engine" else False
     return build_gpt_model(
         config,
-        dirmoe_config_of(args),
+        dirmoe_config_from_args(args),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         use_te=use_te,
@@ -60,11 +54,3 @@ def build_model_from_args(args: argparse.Namespace, config=None, *, pre_process:
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         vp_stage=vp_stage,
     )
-
-
-def moe_layer_numbers(args: argparse.Namespace) -> list[int]:
-    """1-based numbers of the MoE layers (``--moe-layer-freq``)."""
-    freq = args.moe_layer_freq
-    if isinstance(freq, int):
-        return [i + 1 for i in range(args.num_layers) if i % freq == 0]
-    return [i + 1 for i, is_moe in enumerate(freq) if is_moe]

@@ -43,9 +43,10 @@ import torch
 
 __all__ = [
     "CHECKPOINT_VERSION",
-    "TRACKER_FILENAME",
+    "tracker_file",
     "checkpoint_dir",
     "latest_iteration",
+    "write_tracker",
     "save_cpu_checkpoint",
     "load_cpu_checkpoint",
     "capture_rng_state",
@@ -54,19 +55,38 @@ __all__ = [
 ]
 
 CHECKPOINT_VERSION = 3.0
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+
+
+# The names come from megatron.training's own helpers (pure path arithmetic, no CUDA), so both
+# paths and the converter agree with whatever megatron.training writes.
+def tracker_file(root: str | os.PathLike) -> Path:
+    """``<root>/latest_checkpointed_iteration.txt``."""
+    from megatron.training.checkpointing import get_checkpoint_tracker_filename
+
+    return Path(get_checkpoint_tracker_filename(str(root)))
 
 
 def checkpoint_dir(root: str | os.PathLike, iteration: int) -> Path:
-    """``<root>/iter_0000NNN`` (`megatron.training.checkpointing.get_checkpoint_name`)."""
-    return Path(root) / f"iter_{iteration:07d}"
+    """``<root>/iter_0000NNN``, the distributed-checkpoint directory of `iteration`."""
+    from megatron.training.checkpointing import get_checkpoint_name
+
+    return Path(get_checkpoint_name(str(root), iteration, return_base_dir=True))
+
+
+def write_tracker(root: str | os.PathLike, iteration: int) -> None:
+    """Point the tracker file at `iteration` atomically: it only ever names a complete
+    checkpoint, even if the job is killed while writing it."""
+    tracker = tracker_file(root)
+    tmp = tracker.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(f"{iteration}\n")
+    os.replace(tmp, tracker)
 
 
 def latest_iteration(root: Optional[str | os.PathLike]) -> Optional[int]:
     """The iteration in ``<root>/latest_checkpointed_iteration.txt``, or None."""
     if root is None:
         return None
-    tracker = Path(root) / TRACKER_FILENAME
+    tracker = tracker_file(root)
     if not tracker.is_file():
         return None
     text = tracker.read_text().strip()
@@ -138,10 +158,7 @@ def save_cpu_checkpoint(root, iteration: int, model, optimizer, scheduler, args,
         "dirmoe_trainer": "cpu_loop",
     }
     dist_save(state, directory)
-    tracker = Path(root) / TRACKER_FILENAME
-    tmp = tracker.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(f"{iteration}\n")
-    os.replace(tmp, tracker)  # the tracker only ever names a complete checkpoint
+    write_tracker(root, iteration)
     return directory
 
 
@@ -154,7 +171,7 @@ def load_cpu_checkpoint(root, model, optimizer=None, scheduler=None, *, iteratio
     if iteration is None:
         iteration = latest_iteration(root)
         if iteration is None:
-            raise FileNotFoundError(f"no {TRACKER_FILENAME} under {root}")
+            raise FileNotFoundError(f"no {tracker_file(root).name} under {root}")
     directory = checkpoint_dir(root, iteration)
     with _cpu_device_without_cuda():
         common = dist_checkpointing.load_common_state_dict(str(directory))

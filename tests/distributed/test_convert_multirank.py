@@ -94,7 +94,7 @@ def save_layouts(rank: int, world_size: int, root: str) -> dict:
     os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # what a TP launch script exports
 
     from megatron_dirmoe.convert.megatron_checkpoint import (
-        build_model_from_args,
+        build_cpu_model,
         parse_megatron_args,
         save_megatron_checkpoint,
     )
@@ -113,7 +113,7 @@ def save_layouts(rank: int, world_size: int, root: str) -> dict:
             expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         )
         if args.pipeline_model_parallel_size > 1:
-            model = build_model_from_args(
+            model = build_cpu_model(
                 args, single_rank=False, pre_process=ps.is_pipeline_first_stage(),
                 post_process=ps.is_pipeline_last_stage(),
             )
@@ -121,7 +121,7 @@ def save_layouts(rank: int, world_size: int, root: str) -> dict:
             save_megatron_checkpoint(model, args, ITERATION, f"{root}/{name}")
             dist.barrier()
             continue
-        model = build_model_from_args(args, single_rank=False)
+        model = build_cpu_model(args, single_rank=False)
         _randomize(model, rank)
         model.eval()
         set_router_iteration(model, ITERATION)
@@ -149,7 +149,7 @@ def test_multirank_checkpoint_converts_with_logit_parity(multirank, layout):
 
     from megatron_dirmoe.convert.hf_export import megatron_logits
     from megatron_dirmoe.convert.megatron_checkpoint import (
-        build_model_from_args,
+        build_cpu_model,
         read_common_state,
         resolve_checkpoint_dir,
     )
@@ -159,7 +159,7 @@ def test_multirank_checkpoint_converts_with_logit_parity(multirank, layout):
     summary = convert_to_hf(root / layout, root / f"{layout}-hf", verify=True)
     if layout not in logits:  # pipeline stages: one-rank reference with the same global fill
         args, _ = read_common_state(resolve_checkpoint_dir(root / layout))
-        reference = build_model_from_args(args)
+        reference = build_cpu_model(args)
         _fill_by_global_name(reference)
         set_router_iteration(reference.eval(), ITERATION)
         logits[layout] = megatron_logits(reference, _tokens())

@@ -95,7 +95,9 @@ def test_every_field_reachable_from_the_cli(name):
         (["--dirmoe-schedule-iters", "0"], "--dirmoe-schedule-iters"),
         (["--dirmoe-kl-weight", "nan"], "--dirmoe-kl-weight"),
         (["--dirmoe-target-k", "two"], "--dirmoe-target-k"),  # argparse type error
-        (["--moe-router-topk", "2"], "--moe-router-topk"),  # below the DirMoE cap (4)
+        (["--moe-router-topk", "2"], "--moe-router-topk"),  # not the DirMoE cap (4)
+        (["--moe-router-topk", "6"], "--moe-router-topk"),
+        (["--moe-expert-capacity-factor", "1.0"], "--dirmoe-capacity-factor"),  # layout rule
         (["--dirmoe-router", "softmax"], "--dirmoe-router"),
     ],
 )

@@ -11,7 +11,7 @@ from megatron_dirmoe.config import (
     DEFAULT_PRIOR_RATIO,
     DirMoEConfig,
     add_dirmoe_args,
-    config_from_args,
+    dirmoe_config_from_args,
     flag_name,
 )
 
@@ -96,21 +96,21 @@ def test_every_field_has_a_flag_and_round_trips():
             "--dirmoe-capacity-factor", "1.25",
         ]
     )
-    cfg = config_from_args(args, num_experts=8)
+    cfg = dirmoe_config_from_args(args, num_experts=8)
     assert (cfg.target_k, cfg.max_active, cfg.route_threshold, cfg.renormalize) == (2, 3, 0.2, False)
     assert (cfg.tau_start, cfg.prior_scale_schedule, cfg.schedule_iters) == (1.5, "exponential", 77)
     assert (cfg.prior_mass, cfg.capacity_factor) == (0.8, 1.25)
     # Flags not given keep the dataclass defaults (the one place defaults live).
     assert cfg.tau_end == DirMoEConfig().tau_end
-    assert config_from_args(parser.parse_args([])) == DirMoEConfig()
+    assert dirmoe_config_from_args(parser.parse_args([])) == DirMoEConfig()
 
 
 def test_cli_rejects_bad_value_with_flag_name():
     parser = add_dirmoe_args(argparse.ArgumentParser())
     with pytest.raises(ValueError, match="--dirmoe-route-threshold"):
-        config_from_args(parser.parse_args(["--dirmoe-route-threshold", "1.5"]))
+        dirmoe_config_from_args(parser.parse_args(["--dirmoe-route-threshold", "1.5"]))
     with pytest.raises(ValueError, match="--dirmoe-target-k"):
-        config_from_args(parser.parse_args(["--dirmoe-target-k", "16"]), num_experts=8)
+        dirmoe_config_from_args(parser.parse_args(["--dirmoe-target-k", "16"]), num_experts=8)
 
 
 def test_recipes_select_rule_fallback_and_weights():
@@ -125,3 +125,21 @@ def test_recipes_select_rule_fallback_and_weights():
         DirMoEConfig(recipe="topk")
     with pytest.raises(ValueError, match="--dirmoe-count-weight"):
         DirMoEConfig(count_weight=float("inf"))
+
+
+def test_stored_config_wins_and_older_checkpoints_mean_the_paper_recipe():
+    """A checkpoint's args carry the resolved config; one written before `recipe` existed
+    trained with the paper recipe, and the flags in the same namespace do not override it."""
+    stored = dataclasses.asdict(DirMoEConfig(target_k=2, schedule_iters=50))
+    del stored["recipe"]
+    args = argparse.Namespace(dirmoe_config=stored, dirmoe_target_k=1, num_experts=8,
+                              train_iters=999)
+    cfg = dirmoe_config_from_args(args)
+    assert (cfg.recipe, cfg.target_k, cfg.schedule_iters) == ("paper", 2, 50)
+    # From flags, the horizon defaults to --train-iters.
+    parser = add_dirmoe_args(argparse.ArgumentParser())
+    flags = parser.parse_args(["--dirmoe-target-k", "2"])
+    flags.train_iters, flags.num_experts = 30, 8
+    assert dirmoe_config_from_args(flags).schedule_iters == 30
+    with pytest.raises(ValueError, match="--dirmoe-target-k"):
+        dirmoe_config_from_args(parser.parse_args(["--dirmoe-target-k", "9"]), num_experts=8)

@@ -64,7 +64,8 @@ def test_valid_layouts(world, extra, expect):
         (6, ["--pipeline-model-parallel-size", "3"], "--num-layers 4 is not divisible by --pipeline"),
         (8, ["--tensor-model-parallel-size", "2"], "--sequence-parallel"),  # DirMoE's rule
         (8, ["--moe-token-dispatcher-type", "flex"], "cannot carry a variable number"),
-        (8, ["--moe-router-topk", "2"], "below DirMoE's max_active 4"),
+        (8, ["--moe-router-topk", "2"], "must equal DirMoE's max_active (4"),
+        (8, ["--moe-router-topk", "6"], "Leave --moe-router-topk unset"),
         (8, ["--dirmoe-target-k", "9"], "--dirmoe-target-k"),
     ],
 )

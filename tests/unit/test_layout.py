@@ -79,3 +79,17 @@ def test_accepts_a_transformer_config():
     validate_layout(config, CFG, world_size=1)
     with pytest.raises(ValueError, match="--moe-router-topk"):
         validate_layout(tiny_transformer_config(moe_router_topk=2), CFG)
+
+
+def test_moe_layer_numbers_int_list_and_pattern():
+    from megatron_dirmoe.layout import LayoutError, moe_layer_numbers
+
+    assert moe_layer_numbers(1, 3) == [1, 2, 3]
+    assert moe_layer_numbers(2, 5) == [1, 3, 5]
+    assert moe_layer_numbers("2", 4) == [1, 3]
+    assert moe_layer_numbers([0, 1, 1, 0], 4) == [2, 3]
+    assert moe_layer_numbers("([1]*3+[0]*1)*2", 8) == [1, 2, 3, 5, 6, 7]
+    with pytest.raises(LayoutError, match="--moe-layer-freq has 2 entries"):
+        moe_layer_numbers([1, 0], 4)
+    with pytest.raises(LayoutError, match="--moe-layer-freq"):
+        moe_layer_numbers("__import__('os')", 4)
