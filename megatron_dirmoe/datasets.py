@@ -68,17 +68,39 @@ def build_gpt_datasets(args: argparse.Namespace, tokenizer, sizes: Sequence[int]
     return BlendedMegatronDatasetBuilder(cls, list(sizes), is_built_on_rank, config).build()
 
 
+def _mtp_on_this_stage(args: argparse.Namespace, vp_stage=None) -> bool:
+    """Whether this pipeline stage holds multi-token-prediction layers (they need the labels)."""
+    if not getattr(args, "mtp_num_layers", None):
+        return False
+    from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    config = core_transformer_config_from_args(args)  # parses --pipeline-model-parallel-layout
+    return mtp_on_this_rank(layout=config.pipeline_model_parallel_layout,
+                            mtp_num_layers=config.mtp_num_layers, ignore_virtual=False,
+                            vp_stage=vp_stage)
+
+
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
-    """`megatron.training.pretrain`'s dataset provider (reads Megatron's global args)."""
+    """`megatron.training.pretrain`'s dataset provider (reads Megatron's global args).
+
+    Called on every rank (``is_distributed``): `BlendedMegatronDatasetBuilder` synchronises all
+    ranks while rank 0 writes the index caches, and builds datasets only where data is read, as
+    Megatron-LM's pretrain_gpt does: tensor-parallel rank 0 of the first and last pipeline stages
+    (and of a stage holding MTP layers). Elsewhere the splits are None, so
+    `megatron.training` gives those ranks no data iterator and
+    `megatron_dirmoe.training.gpu.get_batch` receives their batches by broadcast (TP ranks > 0)
+    or needs none (middle stages).
+    """
     from megatron.core import mpu
     from megatron.training import get_args, get_tokenizer, print_rank_0
+    from megatron.training.utils import is_first_or_last_pipeline_stage
 
     args = get_args()
 
     def is_built_on_rank():
         return mpu.get_tensor_model_parallel_rank() == 0 and (
-            mpu.is_pipeline_first_stage(ignore_virtual=True)
-            or mpu.is_pipeline_last_stage(ignore_virtual=True)
+            is_first_or_last_pipeline_stage(vp_stage) or _mtp_on_this_stage(args, vp_stage)
         )
 
     print_rank_0("> building train, validation, and test datasets for DirMoE GPT ...")
@@ -86,3 +108,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
                                   is_built_on_rank=is_built_on_rank)
     print_rank_0("> finished creating DirMoE GPT datasets ...")
     return datasets
+
+
+# `megatron.training` calls a provider marked distributed on every rank, not only on TP rank 0:
+# the dataset builder's barriers need every rank (otherwise TP > 1 waits forever).
+train_valid_test_datasets_provider.is_distributed = True

@@ -13,7 +13,7 @@ last reported per-layer values for :func:`routing_summary`.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -37,13 +37,33 @@ class DirMoEMetricsTracker(MoEMetricsTracker):
         self.extra_names = tuple(extra_names)
         self.last_per_layer: Dict[str, torch.Tensor] = {}
         self.last_iteration: Optional[int] = None
+        self._throughput = None
+
+    def enable_throughput(self, meter, log_interval: int, interval_seconds: Callable[[], float],
+                          moe_layers: List[int]) -> None:
+        """Append tokens/s, TFLOP/s and MFU at the realised k to every ``log_interval``-th report
+        (`megatron_dirmoe.throughput`); `interval_seconds` gives the wall time since the last
+        log line. `megatron.training` calls ``report`` once per iteration."""
+        self._throughput = (meter, log_interval, interval_seconds, moe_layers)
 
     def report(self, loss_scale, iteration, *args, track_names=None, **kwargs) -> str:
+        from megatron_dirmoe.throughput import log_throughput
+
         if track_names is not None:
             names = [track_names] if isinstance(track_names, str) else list(track_names)
             track_names = names + [n for n in self.extra_names if n not in names]
         self.last_iteration = iteration
-        return super().report(loss_scale, iteration, *args, track_names=track_names, **kwargs)
+        text = super().report(loss_scale, iteration, *args, track_names=track_names, **kwargs)
+        if self._throughput is not None:
+            meter, log_interval, interval_seconds, moe_layers = self._throughput
+            active = self.last_per_layer.get("dirmoe/active_experts")
+            meter.add(1, None if meter.fixed_active is not None or active is None
+                      else [float(active[n - 1]) for n in moe_layers])
+            if iteration % log_interval == 0:
+                speed = meter.report(interval_seconds())
+                log_throughput(speed, iteration, kwargs.get("writer"), kwargs.get("wandb_writer"))
+                text = (text or "") + (speed.format() if speed else "")
+        return text
 
     def _aggregate(self, loss_scale, num_moe_layers, metric_names, percentiles=None):
         # Called after the cross-rank sync and before the tracker is cleared.

@@ -9,6 +9,7 @@ loss (aux_loss), and metrics for Megatron's MoE tracker.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Iterable, Optional
 
 import torch
@@ -36,7 +37,9 @@ from megatron_dirmoe.routing import (
 )
 from megatron_dirmoe.schedules import prior_scale_at, temperature_at
 
-__all__ = ["DirichletRouter", "set_router_iteration", "iter_dirichlet_routers", "METRIC_NAMES"]
+__all__ = ["DirichletRouter", "set_router_iteration", "iter_dirichlet_routers", "METRIC_NAMES",
+           "ROUTING_NOISE_RNG", "ROUTING_NOISE_RNG_CPU", "seed_routing_noise", "reset_routing_noise",
+           "routing_noise_seed", "routing_noise_rng"]
 
 # Per-layer scalars recorded in Megatron's MoE metrics tracker (names end without "loss" so
 # Megatron's `total_loss_dict` handling leaves them alone).
@@ -181,7 +184,7 @@ class DirichletRouter(Router):
         # second forward before the first backward (pipeline schedules).
         schedule_2 = torch.empty(2, dtype=torch.float32, device=logits.device)
         schedule_2.fill_(tau)[1].fill_(prior_scale)
-        with self._noise_rng():
+        with self._noise_rng(spike_logits.device):
             probs, routing_map, loss_sum, stats, load_E, gate_prob, gate_prob_sum_E = self._step_fn(
                 spike_logits.device)(
                 spike_logits,
@@ -215,13 +218,30 @@ class DirichletRouter(Router):
         """Route `input` [s, b, h]; `padding_mask` [s, b] is True at padded tokens."""
         return self.routing(self.gating(input), padding_mask=padding_mask)
 
-    def _noise_rng(self):
-        """With sequence parallelism each TP rank routes a different shard of tokens; draw the
-        Gumbel/Dirichlet noise from Megatron's per-TP-rank RNG stream (as Megatron does for
-        dropout in sequence-parallel regions) so shards do not share noise."""
-        if self.training and self.config.sequence_parallel:
-            return get_cuda_rng_tracker().fork()
-        return contextlib.nullcontext()
+    def _noise_rng(self, device: torch.device):
+        """Where this rank draws its Gumbel/Dirichlet noise (see `routing_noise_rng`).
+
+        Ranks that route different tokens must not draw the same noise: data-parallel ranks
+        (expert-parallel ranks among them: for attention and the router they are DP ranks),
+        context-parallel ranks, and, under sequence parallelism, the TP ranks (each routes its
+        own sequence shard, as Megatron's per-TP-rank stream serves dropout there). Ranks that
+        route the same tokens must draw the same noise: without SP every TP rank routes the
+        whole sequence and all of them must pick the same experts. So the stream is keyed by the
+        global rank of this rank's TP group leader (without SP) or of this rank (with SP); the
+        key also differs between pipeline stages, whose layers should not share noise either.
+        With a single token shard (one DP x CP replica, no SP) the process's default generator
+        is used as before: nothing to decorrelate, and every checkpoint format saves it.
+        """
+        if not self.training:
+            return contextlib.nullcontext()
+        tp_size = self.tp_group.size()
+        sequence_parallel = self.config.sequence_parallel and tp_size > 1
+        shards = self.tp_dp_cp_group.size() // (1 if sequence_parallel else tp_size)
+        if shards == 1:
+            return contextlib.nullcontext()
+        stream = (torch.distributed.get_rank() if sequence_parallel
+                  else torch.distributed.get_global_rank(self.tp_group, 0))
+        return routing_noise_rng(device, stream)
 
     def _step_fn(self, device: torch.device):
         """The routing step, compiled on CUDA when `torch_compile` is on (eager otherwise)."""
@@ -332,6 +352,130 @@ class DirichletRouter(Router):
         load = self.expert_load.clone()
         self.expert_load.zero_()
         return load
+
+
+# ---------------------------------------------------------------------- routing-noise streams
+# Megatron seeds its generators without the data-parallel rank (megatron.training: --seed plus
+# 100 x the PP rank; the tracker's per-TP stream: plus 2718 + the TP rank), so drawing the
+# routing noise from them gives every DP replica the same noise at the same token positions.
+# The router draws from a dedicated stream instead whenever ranks route different tokens (see
+# `DirichletRouter._noise_rng`), seeded from (base seed, stream key) so that a seed and a layout
+# always reproduce the same draws.
+#
+# On CUDA the stream is a named state of Megatron's CUDA RNG tracker, so it behaves like the
+# tracker's own streams: activation recompute restores it (identical noise in the re-forward),
+# `megatron.training` saves it with the checkpoint, and the draws inside torch.compile'd code
+# (which read the current device generator) follow the fork. Megatron saves the tracker states
+# of DP rank 0 only (unless --data-parallel-random-init) and every DP rank loads those; a state
+# whose seed is not this rank's is therefore re-keyed at the next draw: this rank's seed, the
+# loaded Philox offset (equal on all DP ranks, which draw the same shapes), so a resumed run
+# continues each rank's own stream exactly. On the CPU (no CUDA, e.g. gloo test ranks) the
+# tracker cannot fork, so the stream's CPU generator state is swapped in around the draw here, as
+# the tracker swaps CUDA states; it is kept in the tracker under its own name all the same, so
+# recompute restores it too (a CPU state whose seed is not this rank's restarts the stream: CPU
+# generators have no offset to keep).
+ROUTING_NOISE_RNG = "dirmoe-routing-noise-rng"  # the tracker state's name (CUDA)
+ROUTING_NOISE_RNG_CPU = ROUTING_NOISE_RNG + "-cpu"  # the same for routing on the CPU
+
+_noise_base_seed: Optional[int] = None
+_scratch_generators: dict[int, torch.Generator] = {}  # CUDA device index -> scratch generator
+
+
+def seed_routing_noise(seed: int) -> None:
+    """Set the base seed of the routing-noise streams (megatron.training's path passes
+    ``--seed``). Without it the first draw takes ``torch.initial_seed()``, the seed this process
+    last gave torch. The same seed again changes nothing; another one re-seeds each stream at its
+    next draw."""
+    global _noise_base_seed
+    _noise_base_seed = int(seed)
+
+
+def reset_routing_noise() -> None:
+    """Forget the base seed and where every stream is: the next draw starts the streams afresh."""
+    global _noise_base_seed
+    _noise_base_seed = None
+    tracker = get_cuda_rng_tracker()
+    states = tracker.get_states()
+    if {ROUTING_NOISE_RNG, ROUTING_NOISE_RNG_CPU} & states.keys():
+        states.pop(ROUTING_NOISE_RNG, None)
+        states.pop(ROUTING_NOISE_RNG_CPU, None)
+        tracker.set_states(states)
+
+
+def routing_noise_seed(base_seed: int, stream: int) -> int:
+    """The seed of stream `stream` (a global rank, see `DirichletRouter._noise_rng`): a hash, so
+    that nearby base seeds and ranks never give overlapping seeds (as ``seed + rank`` would)."""
+    digest = hashlib.blake2b(f"{int(base_seed)}/{int(stream)}".encode(), digest_size=8,
+                             person=b"dirmoe-noise").digest()
+    return int.from_bytes(digest, "little") >> 1  # < 2**63: valid for every torch generator
+
+
+def routing_noise_rng(device: torch.device, stream: int):
+    """Context manager: inside it, torch's generator for `device` draws from routing-noise stream
+    `stream` (its state is kept between calls); outside, the generators are untouched."""
+    global _noise_base_seed
+    if _noise_base_seed is None:
+        _noise_base_seed = torch.initial_seed()
+    seed = routing_noise_seed(_noise_base_seed, stream)
+    device = torch.device(device)
+    tracker = get_cuda_rng_tracker()
+    if device.type != "cuda":
+        return _cpu_noise_fork(tracker, seed)
+    states = tracker.get_states()
+    current = states.get(ROUTING_NOISE_RNG)
+    state = _cuda_noise_state(current, seed, device, tracker, states)
+    if state is not current:
+        states[ROUTING_NOISE_RNG] = state
+        tracker.set_states(states)
+    return tracker.fork(ROUTING_NOISE_RNG)
+
+
+@contextlib.contextmanager
+def _cpu_noise_fork(tracker, seed: int):
+    state = tracker.get_states().get(ROUTING_NOISE_RNG_CPU)
+    if state is None or torch.Generator().set_state(state).initial_seed() != seed:
+        state = torch.Generator().manual_seed(seed).get_state()
+    outer = torch.get_rng_state()
+    torch.set_rng_state(state)
+    try:
+        yield
+    finally:
+        states = tracker.get_states()
+        states[ROUTING_NOISE_RNG_CPU] = torch.get_rng_state()
+        tracker.set_states(states)
+        torch.set_rng_state(outer)
+
+
+def _cuda_noise_state(state, seed: int, device: torch.device, tracker, states: dict):
+    """`state` (None: a new one) as a tracker state of the right kind seeded with `seed`; the
+    same object when it already is, else a re-keyed one that keeps its Philox offset."""
+    graph_safe = (isinstance(state, torch.Generator) if state is not None else
+                  getattr(tracker, "use_cudagraphable_rng", False)
+                  or any(isinstance(s, torch.Generator) for s in states.values()))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if graph_safe:  # the tracker keeps generator objects (CUDA-graph-safe RNG)
+        if state is None:
+            state = torch.cuda.default_generators[index].clone_state()
+            state.manual_seed(seed)
+        elif state.initial_seed() != seed:
+            offset = state.get_offset()
+            state = state.clone_state()  # the loaded object may be shared: leave it as it is
+            state.manual_seed(seed)
+            state.set_offset(offset)
+        return state
+    scratch = _scratch_generators.get(index)
+    if scratch is None:
+        scratch = _scratch_generators[index] = torch.Generator(device=torch.device("cuda", index))
+    if state is None:
+        scratch.manual_seed(seed)
+        return scratch.get_state()
+    scratch.set_state(state)
+    if scratch.initial_seed() == seed:
+        return state
+    offset = scratch.get_offset()
+    scratch.manual_seed(seed)
+    scratch.set_offset(offset)
+    return scratch.get_state()
 
 
 # ---------------------------------------------------------------------- the routing step

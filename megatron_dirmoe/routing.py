@@ -145,6 +145,11 @@ def route(
     applies to rule "weight" only; `fallback_k` experts (largest score) go to a token where no
     expert passes the rule. `tau` may be a 0-d tensor (so a compiled caller does not
     recompile when the schedule moves).
+
+    Noise: `generator` drives the Gumbel (logistic) draw only; the Dirichlet sample always comes
+    from torch's default generator of the logits' device (``Dirichlet.rsample`` takes none). To
+    control all of it, make that generator the source (fork it, as `DirichletRouter` does with
+    its routing-noise stream) rather than passing `generator`.
     """
     if rule not in RULES:
         raise ValueError(f"unknown routing rule {rule!r}; allowed {RULES}")

@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-__all__ = ["model_provider", "forward_step", "pretrain_on_cuda"]
+__all__ = ["model_provider", "forward_step", "get_batch", "pretrain_on_cuda"]
 
 _ROUTERS_BY_MODEL: dict[int, list] = {}
 
@@ -53,28 +53,93 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
+# What `forward_step` feeds the model; a key a pipeline stage does not need is None there.
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
+
+
+def get_batch(data_iterator, vp_stage=None, config=None) -> dict:
+    """This rank's micro-batch, read the way Megatron-LM's ``pretrain_gpt.py`` reads it with
+    megatron-core 0.19.2.
+
+    `megatron.training` builds data loaders on tensor-parallel rank 0 only, and the dataset
+    provider builds datasets on the first and last pipeline stages only (plus a stage holding
+    MTP layers), so ``data_iterator`` is None everywhere else. TP rank 0 of a first/last stage
+    reads the micro-batch and broadcasts what its stage needs to the other TP ranks
+    (`get_batch_on_this_tp_rank`: first stage tokens + position ids, last stage labels + loss
+    mask, both the attention mask when ``--create-attention-mask-in-dataloader``, everything
+    without PP), then the sequence is split over context-parallel ranks
+    (`get_batch_on_this_cp_rank`). Middle stages read nothing: their input is the previous
+    stage's activations.
+    """
+    from megatron.core import mpu
+    from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
+    from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
+    from megatron.training import get_args
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    args = get_args()
+    for flag in ("sft", "dataloader_inter_document_masking", "hybrid_context_parallel"):
+        if getattr(args, flag, False):
+            raise ValueError(f"--{flag.replace('_', '-')} (variable-length batches with "
+                             "cu_seqlens) is not supported by the DirMoE pretraining entry point")
+    mtp_here = config is not None and mtp_on_this_rank(
+        layout=getattr(config, "pipeline_model_parallel_layout", None),
+        mtp_num_layers=getattr(config, "mtp_num_layers", None),
+        ignore_virtual=False,
+        vp_stage=vp_stage,
+    )
+    if not is_first_or_last_pipeline_stage(vp_stage) and not mtp_here:
+        return dict.fromkeys(BATCH_KEYS)
+
+    tp_rank = mpu.get_tensor_model_parallel_rank()
+    batch = {}
+    if tp_rank == 0:
+        data = next(data_iterator)
+        device = torch.cuda.current_device()
+        # Only the model's inputs travel: a blended dataset adds e.g. "dataset_id".
+        batch = {key: None if data.get(key) is None else data[key].to(device, non_blocking=True)
+                 for key in BATCH_KEYS}
+    batch = get_batch_on_this_tp_rank(
+        batch,
+        has_cu_seqlens=False,
+        is_hybrid_cp=False,
+        create_attention_mask_in_dataloader=args.create_attention_mask_in_dataloader,
+        broadcast_src_rank=mpu.get_tensor_model_parallel_src_rank(),
+        broadcast_group=mpu.get_tensor_model_parallel_group(),
+        cp_size=args.context_parallel_size,
+        tp_rank=tp_rank,
+        micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length,
+        mtp_on_this_rank=mtp_here,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        is_pipeline_first_stage=mpu.is_pipeline_first_stage(),
+        is_pipeline_last_stage=mpu.is_pipeline_last_stage(),
+    )
+    batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False,
+                                      cp_group=mpu.get_context_parallel_group())
+    return {key: batch.get(key) for key in BATCH_KEYS}
+
+
 def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    from megatron.core.utils import get_attr_wrapped_model
     from megatron.training import get_args, get_timers
+
+    from megatron_dirmoe.router import seed_routing_noise
 
     args = get_args()
     # tau_z and lambda_p are functions of the iteration: set them on every micro-batch (cheap).
     iteration = getattr(args, "curr_iteration", args.iteration)
     for router in _routers(model):
         router.set_iteration(iteration)
+    seed_routing_noise(args.seed)  # no-op after the first call with the same seed
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
-    batch = next(data_iterator)
-    device = torch.cuda.current_device()
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    labels = batch["labels"].to(device, non_blocking=True)
-    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    position_ids = batch["position_ids"].to(device, non_blocking=True)
-    attention_mask = batch.get("attention_mask")
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device, non_blocking=True)
+    batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"),
+                      get_attr_wrapped_model(model, "config"))
     timers("batch-generator").stop()
-    output = model(tokens, position_ids, attention_mask, labels=labels)
-    return output, partial(loss_func, loss_mask)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                   labels=batch["labels"], loss_mask=batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"])
 
 
 def _use_prebuilt_dataset_helpers() -> None:
@@ -113,22 +178,46 @@ def pretrain_on_cuda(args: argparse.Namespace) -> None:
     _use_prebuilt_dataset_helpers()
     set_global_variables(args)
     tracker = install_metrics_tracker()
+    _log_throughput_at_realised_k(args, tracker)
     cfg = pretrain_cfg_container_from_args(args)
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=model_provider)
     _print_summary(args, tracker)
 
 
+def _log_throughput_at_realised_k(args, tracker) -> None:
+    """Replace Megatron's TFLOP/s, which charges ``--moe-router-topk`` experts per token (for
+    DirMoE the cap, 4k by default), by tokens/s, TFLOP/s and MFU at the realised k."""
+    from megatron.training.global_vars import get_timers
+
+    from megatron_dirmoe.layout import moe_layer_numbers
+    from megatron_dirmoe.throughput import ThroughputMeter, peak_tflops_for
+
+    args.log_throughput = False
+    peak = args.dirmoe_peak_tflops or peak_tflops_for(torch.cuda.get_device_name())
+    meter = ThroughputMeter(
+        args, devices=args.world_size, peak_tflops=peak,
+        fixed_active=None if args.dirmoe_router == "dirichlet" else args.moe_router_topk)
+    # megatron.training's interval timer runs from one log line to the next (it is read and
+    # reset after the MoE report of the logging iteration).
+    tracker.enable_throughput(
+        meter, args.log_interval,
+        lambda: get_timers()("interval-time").elapsed(barrier=False, reset=False),
+        moe_layer_numbers(args.moe_layer_freq, args.num_layers))
+
+
 def _print_summary(args, tracker) -> None:
     import torch.distributed as dist
 
     from megatron_dirmoe.metrics import format_routing_summary, routing_summary
-    from megatron_dirmoe.training.builders import dirmoe_config_of, moe_layer_numbers
+    from megatron_dirmoe.config import dirmoe_config_from_args
+    from megatron_dirmoe.layout import moe_layer_numbers
 
     if args.dirmoe_router != "dirichlet" or not tracker.last_per_layer:
         return
     if dist.is_initialized() and dist.get_rank() != dist.get_world_size() - 1:
         return
-    rows = routing_summary(tracker.last_per_layer, moe_layer_numbers(args))
-    print(format_routing_summary(rows, dirmoe_config_of(args).target_k, args.num_experts),
+    rows = routing_summary(tracker.last_per_layer,
+                           moe_layer_numbers(args.moe_layer_freq, args.num_layers))
+    print(format_routing_summary(rows, dirmoe_config_from_args(args).target_k, args.num_experts),
           flush=True)

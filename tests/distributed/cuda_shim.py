@@ -7,6 +7,10 @@ them into host arrays on a side stream), and gathers uneven token counts across 
 cannot do natively. None of that is about the maths we test, so this shim
 redirects each of those points to the CPU. It must never be imported by the
 package: it changes global torch state for the whole process.
+
+`megatron.training`'s data-loader setup, the pipeline schedules and the default causal mask also
+create tensors on a literal ``device="cuda"``; `cuda_device_to_cpu` (a torch function mode, used
+only around the code that needs it because it sees every torch call) sends those to the CPU.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["install_cpu_cuda_shim", "shim_patches"]
+__all__ = ["install_cpu_cuda_shim", "shim_patches", "cuda_device_to_cpu"]
 
 _INSTALLED = False
 
@@ -144,6 +149,31 @@ def shim_patches() -> list:
         (dist, "all_gather", all_gather),
         (dist, "reduce_scatter", reduce_scatter),
     ]
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaDeviceToCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "cuda" and args and torch.is_tensor(args[0]):  # tensor.cuda(...)
+            return args[0]
+        if _is_cuda(kwargs.get("device")):  # factories and tensor.to(device=...)
+            kwargs = {**kwargs, "device": "cpu"}
+        if name == "to" and len(args) > 1 and _is_cuda(args[1]):  # tensor.to("cuda", ...)
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def cuda_device_to_cpu() -> TorchFunctionMode:
+    """``with cuda_device_to_cpu(): ...``: tensors created on (or moved to) "cuda" stay on the
+    CPU inside the block."""
+    return _CudaDeviceToCpu()
 
 
 def install_cpu_cuda_shim() -> None:

@@ -16,9 +16,10 @@ order, draws the noise for the full set from the global generator seeded by (lay
 and keeps this rank's rows. The gather's backward returns this rank's slice (every rank
 recomputes the full routing, so no gradient has to travel). The reference goes through the same
 wrapper, so both see identical noise per token, and training mode is compared as tightly as eval
-mode. (Under SP the router forks Megatron's per-TP-rank RNG stream for its noise; the shim makes
-that fork a no-op and the wrapper's seeding decides the draws.) What this does not test is the
-noise itself under SP being independent across TP ranks; that is the router's concern.
+mode. (With more than one token shard the router draws inside its own routing-noise stream,
+`megatron_dirmoe.router.routing_noise_rng`; the wrapper reseeds inside that fork, so its seeding
+decides the draws.) That ranks routing different tokens really draw different noise is tested in
+`test_routing_noise.py`.
 """
 
 from __future__ import annotations
