@@ -162,11 +162,10 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     from megatron_dirmoe.metrics import format_routing_summary, install_metrics_tracker, routing_summary
     from megatron_dirmoe.router import set_router_iteration
     from megatron_dirmoe.single_rank import init_single_rank
-    from megatron_dirmoe.training.builders import (
-        build_model_from_args,
-        dirmoe_config_of,
-        moe_layer_numbers,
-    )
+    from megatron_dirmoe.config import dirmoe_config_from_args
+    from megatron_dirmoe.layout import moe_layer_numbers
+    from megatron_dirmoe.throughput import ThroughputMeter, log_throughput, peak_tflops_for
+    from megatron_dirmoe.training.builders import build_model_from_args
     from megatron_dirmoe.training.checkpointing import (
         check_resume_config,
         latest_iteration,
@@ -183,8 +182,12 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 loop: TF32 tensor cores for GEMMs
     init_single_rank("nccl" if device.type == "cuda" else "gloo")
     _seed(args.seed)
+    # A fresh tracker per run: entries keep the layer count of the model that first recorded
+    # them, and an earlier model in this process may have had another.
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+    destroy_moe_metrics_tracker()
     tracker = install_metrics_tracker()
-    tracker.clear()
 
     model = build_model_from_args(args).to(device)
     model.train()
@@ -214,8 +217,14 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     writer, wandb_writer = get_tensorboard_writer(), get_wandb_writer()
     num_params = sum(p.numel() for p in model.parameters())
     tokens_per_iter = args.global_batch_size * args.seq_length
-    cfg = dirmoe_config_of(args)
-    moe_layers = moe_layer_numbers(args)
+    cfg = dirmoe_config_from_args(args)
+    moe_layers = moe_layer_numbers(args.moe_layer_freq, args.num_layers)
+    dirichlet = args.dirmoe_router == "dirichlet"
+    meter = ThroughputMeter(
+        args, peak_tflops=args.dirmoe_peak_tflops or (
+            peak_tflops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None),
+        fixed_active=None if dirichlet else args.moe_router_topk)
+    train_seconds = 0.0  # steps only: evaluation and checkpoints are not training throughput
     _log(f"[dirmoe] CPU training: {num_params / 1e6:.2f}M parameters, {len(moe_layers)} MoE "
          f"layers x {args.num_experts} experts ({args.dirmoe_router} router, target k "
          f"{cfg.target_k}), {args.train_iters} iterations x {tokens_per_iter} tokens, "
@@ -252,8 +261,13 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
                                     mtp_num_layers=args.mtp_num_layers)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        step_seconds = time.time() - t_step
+        train_seconds += step_seconds
+        active = tracker.last_per_layer.get("dirmoe/active_experts")
+        meter.add(1, None if not dirichlet or active is None
+                  else [float(active[n - 1]) for n in moe_layers])
         row = {"iteration": iteration, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"],
-               "step_seconds": time.time() - t_step}
+               "step_seconds": step_seconds}
         row.update({name: [float(v) for v in tracker.last_per_layer[name][[n - 1 for n in
                                                                            moe_layers]]]
                     for name in tracker.last_per_layer})
@@ -270,15 +284,16 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             elapsed = time.time() - t_start
             done = iteration - it_start
-            tps = done * tokens_per_iter / max(elapsed, 1e-9)
             eta = elapsed / max(done, 1) * (args.train_iters - iteration)
-            active = tracker.last_per_layer.get("dirmoe/active_experts")
             per_layer = ("" if active is None else " active/layer: "
                          + ",".join(f"{active[n - 1]:.2f}" for n in moe_layers) + " |")
+            speed = meter.report(train_seconds)
+            train_seconds = 0.0
             _log(f" iteration {iteration:>6d}/{args.train_iters} | lm loss "
                  f"{window_loss / window_n:.4f} | lr {optimizer.param_groups[0]['lr']:.3e} | "
-                 f"grad norm {grad_norm:.3f} | tokens/s {tps:,.0f} | ETA {_fmt_time(eta)} |"
+                 f"grad norm {grad_norm:.3f} |{speed.format() if speed else ''} ETA {_fmt_time(eta)} |"
                  f"{moe_string}{per_layer}")
+            log_throughput(speed, iteration, writer, wandb_writer)
             window_loss, window_n = 0.0, 0
         if valid_ds is not None and args.eval_interval and args.eval_iters and (
             iteration % args.eval_interval == 0 or iteration == args.train_iters
@@ -318,4 +333,6 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
              "same tokens under deterministic (eval) routing, E[k] = sum of gate probabilities")
     if writer is not None:
         writer.flush()
+    if wandb_writer is not None:
+        wandb_writer.finish()  # as megatron.training.pretrain ends its W&B run
     return result
