@@ -4,6 +4,7 @@
     transforms   pure split/merge transforms (fused QKV, gated fc1), exact inverses
     megatron_checkpoint   read/write megatron.training checkpoints on one CPU rank (any layout)
     hf_export    convert_to_hf / convert_to_megatron / verify_logits
+    hf_tokenizer a SentencePiece model as a Hugging Face fast tokenizer with the same ids
 
 CLI: ``python -m megatron_dirmoe.convert --help`` (or ``scripts/convert_to_hf.py``).
 """

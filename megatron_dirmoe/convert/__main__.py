@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--max-shard-size", default="5GB",
                        help="largest safetensors shard, e.g. 2GB")
     to_hf.add_argument("--tokenizer", default=None,
-                       help="tokenizer to copy (default: the checkpoint's --tokenizer-model)")
-    to_hf.add_argument("--no-tokenizer", action="store_true", help="do not copy tokenizer files")
+                       help="tokenizer to export: a SentencePiece .model (written as "
+                       "tokenizer.json for AutoTokenizer, and copied) or a Hugging Face tokenizer "
+                       "directory (default: the checkpoint's --tokenizer-model)")
+    to_hf.add_argument("--no-tokenizer", action="store_true", help="do not export a tokenizer")
     to_hf.add_argument("--verify", action="store_true",
                        help="after writing, compare HF and Megatron logits on random sequences")
     to_hf.add_argument("--verify-sequences", type=int, default=4)

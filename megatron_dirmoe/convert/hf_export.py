@@ -5,14 +5,14 @@ Steps of :func:`convert_to_hf`:
 2. derive the HF config (architecture + router eval constants at the checkpoint's iteration);
 3. map tensor names and layouts through the one table (`mapping.TABLE`), checking every name
    and every shape against the HF model;
-4. write safetensors shards + index, config.json, tokenizer files, and the model code;
+4. write the folder with `transformers`' own `save_pretrained` (safetensors shards and index,
+   config.json, generation_config.json; the tokenizer as an `AutoTokenizer` folder) plus the
+   model code;
 5. optionally (`verify`) load the folder with `transformers` and compare logits.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import warnings
 from argparse import Namespace
@@ -32,15 +32,13 @@ __all__ = [
     "hf_config_from_megatron",
     "megatron_state_to_hf",
     "write_hf_folder",
+    "load_hf_tokenizer",
     "convert_to_hf",
     "verify_logits",
     "load_hf_state",
     "hf_state_to_megatron_model",
     "convert_to_megatron",
 ]
-
-SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
-
 
 # ---------------------------------------------------------------------- config
 def _activation_name(fn) -> str:
@@ -99,7 +97,7 @@ def hf_config_from_megatron(model, config, dirmoe_config, iteration: int, **extr
         tie_word_embeddings=model.share_embeddings_and_output_weights,
         architectures=["DirMoEForCausalLM"],
         auto_map=dict(AUTO_MAP),
-        torch_dtype="float32",
+        dtype="float32",
         **extra,
     )
 
@@ -128,44 +126,32 @@ def megatron_state_to_hf(megatron_state: dict, hf_config) -> dict[str, torch.Ten
     return hf_state
 
 
-def _parse_size(size: Union[int, str]) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
-    text = size.strip().upper()
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+def _hf_model(hf_state: dict[str, torch.Tensor], hf_config):
+    """The HF model holding `hf_state`'s tensors: built on the meta device, the tensors assigned
+    (copied only when one is a view into a larger or shared storage, e.g. a split fused QKV), the
+    LM head tied to the embedding when the config says so."""
+    from megatron_dirmoe.hf import DirMoEForCausalLM
 
-
-def write_safetensors(
-    state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: Union[int, str] = "5GB"
-) -> list[str]:
-    """Greedy shards of at most `max_shard_size` bytes (a tensor never splits) plus the HF index
-    (always written, even for one shard). Returns the shard file names."""
-    from safetensors.torch import save_file
-
-    limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.contiguous()
-        size += nbytes
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for file_name, shard in zip(names, shards):
-        save_file(shard, str(out_dir / file_name), metadata={"format": "pt"})
-        os.chmod(out_dir / file_name, 0o644)  # safetensors creates 0600; shards get shared
-        weight_map.update({tensor_name: file_name for tensor_name in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / SAFE_WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return names
+    with torch.device("meta"):
+        model = DirMoEForCausalLM(hf_config)
+    state, storages = {}, set()
+    for name, tensor in hf_state.items():
+        storage = tensor.untyped_storage()
+        if (not tensor.is_contiguous() or storage.data_ptr() in storages
+                or storage.nbytes() != tensor.numel() * tensor.element_size()):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        storages.add(tensor.untyped_storage().data_ptr())
+        state[name] = tensor
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if hf_config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ConversionError(f"HF state does not fit the model: missing {sorted(missing)[:8]}, "
+                              f"unexpected {sorted(unexpected)[:8]}")
+    model.tie_weights()
+    on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise ConversionError(f"parameters left without a value: {on_meta[:8]}")
+    return model.eval()
 
 
 def load_hf_state(hf_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
@@ -189,39 +175,68 @@ def _copy_model_code(out_dir: Path) -> None:
         shutil.copyfile(source, out_dir / name)
 
 
-def _copy_tokenizer(args: Namespace, out_dir: Path, tokenizer: Optional[str]) -> Optional[str]:
-    """Copy the run's tokenizer: a Hugging Face tokenizer directory is re-saved with
-    `AutoTokenizer`; a SentencePiece `.model` file is copied verbatim as `tokenizer.model`.
-    Returns what was copied (None when the run used no tokenizer file, e.g. NullTokenizer)."""
+def _tokenizer_source(args: Namespace, tokenizer: Optional[str]) -> Optional[Path]:
+    """The run's tokenizer file or directory (`tokenizer` overrides the checkpoint's
+    --tokenizer-model); None when the run used none (e.g. NullTokenizer)."""
     source = tokenizer or getattr(args, "tokenizer_model", None)
     if not source:
         return None
     path = Path(source)
-    if path.is_dir():
-        from transformers import AutoTokenizer
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer {source!r} (from {'--tokenizer' if tokenizer else 'the checkpoint args'}) "
+            "not found; pass --tokenizer PATH or --no-tokenizer"
+        )
+    return path
 
-        AutoTokenizer.from_pretrained(str(path)).save_pretrained(str(out_dir))
-        return str(path)
-    if path.is_file():
-        name = "tokenizer.model" if path.suffix == ".model" else path.name
-        shutil.copyfile(path, out_dir / name)
-        return str(path)
-    raise FileNotFoundError(
-        f"tokenizer {source!r} (from {'--tokenizer' if tokenizer else 'the checkpoint args'}) not "
-        "found; pass --tokenizer PATH or --no-tokenizer"
-    )
+
+def load_hf_tokenizer(source: Union[str, Path], model_max_length: Optional[int] = None):
+    """The `transformers` tokenizer for a run's tokenizer: a Hugging Face tokenizer directory as
+    `AutoTokenizer` loads it, a SentencePiece `.model` converted to a fast tokenizer with the same
+    ids (warns when they differ on sample texts)."""
+    from transformers import AutoTokenizer
+
+    from megatron_dirmoe.convert.hf_tokenizer import check_ids_match, sentencepiece_to_hf
+
+    path = Path(source)
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path))
+    hf_tokenizer = sentencepiece_to_hf(path, model_max_length=model_max_length)
+    differ = check_ids_match(path, hf_tokenizer)
+    if differ:
+        warnings.warn(f"the Hugging Face tokenizer built from {path} gives other ids than "
+                      f"SentencePiece on {len(differ)} sample texts, e.g. {differ[0]!r}",
+                      stacklevel=2)
+    return hf_tokenizer
+
+
+def _special_token_ids(hf_tokenizer) -> dict:
+    """bos/eos/pad ids for config.json and generation_config.json (None when absent)."""
+    return {f"{name}_token_id": getattr(hf_tokenizer, f"{name}_token_id", None)
+            for name in ("bos", "eos", "pad")}
 
 
 def write_hf_folder(hf_state, hf_config, out_dir: Union[str, Path], *, max_shard_size="5GB",
-                    dtype: Optional[torch.dtype] = None) -> Path:
-    """safetensors shards + config.json + model code in `out_dir`."""
+                    dtype: Optional[torch.dtype] = None, tokenizer=None,
+                    tokenizer_source: Optional[Union[str, Path]] = None) -> Path:
+    """`save_pretrained` of the HF model holding `hf_state` (safetensors shards of at most
+    `max_shard_size`, with transformers' index when sharded; config.json; generation_config.json),
+    of `tokenizer` when given, and the model code for `trust_remote_code` loading. A tokenizer
+    file `tokenizer_source` is also copied (a SentencePiece model as `tokenizer.model`, which
+    Megatron's --tokenizer-model takes)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
         hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
-        hf_config.torch_dtype = str(dtype).removeprefix("torch.")
-    write_safetensors(hf_state, out_dir, max_shard_size)
-    hf_config.save_pretrained(str(out_dir))
+        hf_config.dtype = str(dtype).removeprefix("torch.")
+    model = _hf_model(hf_state, hf_config)
+    model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    if tokenizer_source is not None and Path(tokenizer_source).is_file():
+        source = Path(tokenizer_source)
+        shutil.copyfile(source, out_dir / ("tokenizer.model" if source.suffix == ".model"
+                                           else source.name))
     _copy_model_code(out_dir)
     return out_dir
 
@@ -249,14 +264,24 @@ def convert_to_hf(
     )
 
     model, args, ckpt_iteration, ckpt_dir = load_megatron_model(checkpoint, iteration)
+    tokenizer_source = _tokenizer_source(args, tokenizer) if copy_tokenizer else None
+    hf_tokenizer = None
+    if tokenizer_source is not None and (tokenizer_source.is_dir()
+                                         or tokenizer_source.suffix == ".model"):
+        hf_tokenizer = load_hf_tokenizer(tokenizer_source, model.max_sequence_length)
+    elif tokenizer_source is not None:
+        warnings.warn(f"tokenizer {tokenizer_source} is neither a SentencePiece .model nor a "
+                      "Hugging Face tokenizer directory: copied as is, AutoTokenizer will not "
+                      "load it", stacklevel=2)
     hf_config = hf_config_from_megatron(
-        model, model.config, dirmoe_config_from_args(args), ckpt_iteration
+        model, model.config, dirmoe_config_from_args(args), ckpt_iteration,
+        **(_special_token_ids(hf_tokenizer) if hf_tokenizer is not None else {}),
     )
     hf_state = megatron_state_to_hf(model.state_dict(), hf_config)
     out_dir = write_hf_folder(
-        hf_state, hf_config, out_dir, max_shard_size=max_shard_size, dtype=dtype
+        hf_state, hf_config, out_dir, max_shard_size=max_shard_size, dtype=dtype,
+        tokenizer=hf_tokenizer, tokenizer_source=tokenizer_source,
     )
-    tokenizer_source = _copy_tokenizer(args, out_dir, tokenizer) if copy_tokenizer else None
     summary = {
         "checkpoint": str(ckpt_dir),
         "iteration": ckpt_iteration,
@@ -264,7 +289,7 @@ def convert_to_hf(
         "tensors": len(hf_state),
         "parameters": sum(t.numel() for t in hf_state.values()),
         "router_tau": hf_config.router_tau,
-        "tokenizer": tokenizer_source,
+        "tokenizer": None if tokenizer_source is None else str(tokenizer_source),
     }
     dirmoe_config = dirmoe_config_from_args(args)
     if dirmoe_config.capacity_factor is not None:
@@ -361,7 +386,7 @@ def convert_to_megatron(
     from, or any run with the same architecture); the result is saved at the HF config's
     `router_iteration` unless `iteration` is given."""
     from megatron_dirmoe.convert.megatron_checkpoint import (
-        build_model_from_args,
+        build_cpu_model,
         ensure_single_rank_world,
         read_common_state,
         resolve_checkpoint_dir,
@@ -372,7 +397,7 @@ def convert_to_megatron(
     ckpt_dir = resolve_checkpoint_dir(template_checkpoint)
     args, _ = read_common_state(ckpt_dir)
     ensure_single_rank_world()
-    model = build_model_from_args(args, ckpt_dir)
+    model = build_cpu_model(args, ckpt_dir)
     hf_state_to_megatron_model(model, hf_dir)
     if iteration is None:
         iteration = int(DirMoEHFConfig.from_pretrained(str(hf_dir)).router_iteration)

@@ -27,7 +27,7 @@ class DirMoEHFConfig(PretrainedConfig):
     """
 
     model_type = "dirmoe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

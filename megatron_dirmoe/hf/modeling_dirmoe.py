@@ -15,13 +15,14 @@ G key/value heads, d head dim, T tokens (B * S), E experts, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as _init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -30,12 +31,22 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_dirmoe import DirMoEHFConfig
 from .dirmoe_routing import route
 
-try:  # transformers >= 5: init helpers that skip weights already loaded from a checkpoint
-    from transformers import initialization as _init
-except ImportError:  # transformers 4: _init_weights only ever sees missing weights
-    from torch.nn import init as _init
-
 __all__ = ["DirMoEModel", "DirMoEForCausalLM", "DirMoEPreTrainedModel"]
+
+# The name under which the installed transformers passes the KV cache to `forward` and reads it
+# back from the model outputs: the field of its own output classes ("cache" in current releases,
+# "past_key_values" in earlier ones). `forward` accepts both names.
+CACHE_FIELD = (
+    "cache"
+    if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    else "past_key_values"
+)
+
+
+def _one_cache(cache: Optional[Cache], past_key_values: Optional[Cache]) -> Optional[Cache]:
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache once, as `cache` (or its older name `past_key_values`)")
+    return cache if cache is not None else past_key_values
 
 
 def _norm(config: DirMoEHFConfig, size: int) -> nn.Module:
@@ -91,7 +102,7 @@ class DirMoEAttention(nn.Module):
         x_BSD: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask_BQK: torch.Tensor,
-        past_key_values: Optional[Cache],
+        cache: Optional[Cache],
     ) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         # 1. Projections to heads: [B, heads, S, d].
@@ -105,9 +116,9 @@ class DirMoEAttention(nn.Module):
         cos_B1Sd, sin_B1Sd = (t[:, None].to(q_BHSd.dtype) for t in rope)
         q_BHSd = q_BHSd * cos_B1Sd + _rotate_half(q_BHSd) * sin_B1Sd
         k_BGSd = k_BGSd * cos_B1Sd + _rotate_half(k_BGSd) * sin_B1Sd
-        # 4. KV cache.
-        if past_key_values is not None:
-            k_BGSd, v_BGSd = past_key_values.update(k_BGSd, v_BGSd, self.layer_idx)
+        # 4. KV cache: append this step's keys/values, attend over all of them.
+        if cache is not None:
+            k_BGSd, v_BGSd = cache.update(k_BGSd, v_BGSd, self.layer_idx)
         # 5. Attention (True in the mask = attend).
         out_BHSd = F.scaled_dot_product_attention(
             q_BHSd, k_BGSd, v_BGSd, attn_mask=mask_BQK[:, None],
@@ -214,8 +225,8 @@ class DirMoEDecoderLayer(nn.Module):
         else:
             self.mlp = DirMoEMLP(config, config.intermediate_size)
 
-    def forward(self, x_BSD, rope, mask_BQK, past_key_values):
-        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), rope, mask_BQK, past_key_values)
+    def forward(self, x_BSD, rope, mask_BQK, cache):
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), rope, mask_BQK, cache)
         return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
 
 
@@ -223,7 +234,7 @@ class DirMoEPreTrainedModel(PreTrainedModel):
     config_class = DirMoEHFConfig
     base_model_prefix = "model"
     _no_split_modules = ["DirMoEDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -257,29 +268,34 @@ class DirMoEModel(DirMoEPreTrainedModel):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
         use_cache: Optional[bool] = None,
+        past_key_values: Optional[Cache] = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """`cache` (older name `past_key_values`) holds the keys and values of the tokens before
+        `input_ids`; positions continue from its length unless `position_ids` are given (as
+        `generate` does, counting from each row's first unpadded token). `attention_mask` is
+        the 2D padding mask over cached + new tokens (1 = token, 0 = padding)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = _one_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         x_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x_BSD.shape[:2]
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=x_BSD.device)[None].expand(B, -1)
         mask_BQK = self._attention_mask(attention_mask, B, S, past, x_BSD.device)
         rope = self.rotary_emb(position_ids)
         for layer in self.layers:
-            x_BSD = layer(x_BSD, rope, mask_BQK, past_key_values if use_cache else None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(x_BSD),
-            past_key_values=past_key_values if use_cache else None,
-        )
+            x_BSD = layer(x_BSD, rope, mask_BQK, cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x_BSD), **{CACHE_FIELD: cache})
 
     @staticmethod
     def _attention_mask(attention_mask, B, S, past, device) -> torch.Tensor:
@@ -299,12 +315,7 @@ class DirMoEModel(DirMoEPreTrainedModel):
 class DirMoEForCausalLM(DirMoEPreTrainedModel, GenerationMixin):
     """DirMoE decoder + LM head (tied to the embedding when `config.tie_word_embeddings`)."""
 
-    # transformers >= 5 maps tied names to their source; 4.x takes a list of tied names.
-    _tied_weights_keys = (
-        {"lm_head.weight": "model.embed_tokens.weight"}
-        if int(transformers.__version__.split(".")[0]) >= 5
-        else ["lm_head.weight"]
-    )
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: DirMoEHFConfig):
         super().__init__(config)
@@ -329,19 +340,21 @@ class DirMoEForCausalLM(DirMoEPreTrainedModel, GenerationMixin):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
-        return_dict: Optional[bool] = None,
+        past_key_values: Optional[Cache] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """Logits over the vocabulary, and with `labels` transformers' causal-LM loss (position t
+        predicts label t + 1; -100 is ignored). See `DirMoEModel.forward` for the cache."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
@@ -353,12 +366,9 @@ class DirMoEForCausalLM(DirMoEPreTrainedModel, GenerationMixin):
         logits_BSV = self.lm_head(hidden_BSD)
         loss = None
         if labels is not None:
-            # Standard causal-LM loss: position t predicts token t + 1.
-            loss = F.cross_entropy(
-                logits_BSV[:, :-1].reshape(-1, logits_BSV.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
+            loss = self.loss_function(
+                logits=logits_BSV, labels=labels, vocab_size=self.config.vocab_size, **kwargs
             )
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits_BSV, past_key_values=out.past_key_values
+            loss=loss, logits=logits_BSV, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
         )

@@ -79,7 +79,7 @@ def exported(request, megatron_single_rank, tmp_path_factory):
     """(Megatron model in eval mode at ITERATION, its args, HF folder, converter summary)."""
     from megatron_dirmoe.convert.hf_export import convert_to_hf
     from megatron_dirmoe.convert.megatron_checkpoint import (
-        build_model_from_args,
+        build_cpu_model,
         parse_megatron_args,
         save_megatron_checkpoint,
     )
@@ -91,7 +91,7 @@ def exported(request, megatron_single_rank, tmp_path_factory):
     args = parse_megatron_args(_COMMON + argv)
     args.padded_vocab_size = VOCAB  # set by megatron.training's tokenizer build
     torch.manual_seed(0)
-    model = build_model_from_args(args)
+    model = build_cpu_model(args)
     _randomize(model)
 
     tmp = tmp_path_factory.mktemp(name)
@@ -128,18 +128,18 @@ def _tokens(batch=3, length=24, seed=1):
 
 
 def test_folder_contents_and_config(exported):
-    from megatron_dirmoe.config import config_from_args
+    from megatron_dirmoe.config import dirmoe_config_from_args
     from megatron_dirmoe.schedules import temperature_at
 
     name, model, args, out, summary = exported
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors.index.json", "modeling_dirmoe.py",
+    assert {"config.json", "generation_config.json", "modeling_dirmoe.py",
             "configuration_dirmoe.py", "dirmoe_routing.py"} <= files
     # The routing math travels verbatim.
     routing_source = (REPO / "megatron_dirmoe" / "routing.py").read_bytes()
     assert (out / "dirmoe_routing.py").read_bytes() == routing_source
     config = json.loads((out / "config.json").read_text())
-    dcfg = config_from_args(args, 8).with_schedule_horizon(TRAIN_ITERS)
+    dcfg = dirmoe_config_from_args(args, 8).with_schedule_horizon(TRAIN_ITERS)
     assert config["model_type"] == "dirmoe"
     assert config["router_iteration"] == ITERATION == summary["iteration"]
     assert config["router_tau"] == pytest.approx(temperature_at(dcfg, ITERATION))
@@ -149,17 +149,33 @@ def test_folder_contents_and_config(exported):
     assert config["router_rule"] == dcfg.routing_rule
     assert config["router_fallback_k"] == dcfg.fallback_k
     assert dcfg.recipe == ("calibrated" if name == "rms_gqa_freq_shared" else "paper")
+    # Written by transformers' save_pretrained: shards + index when sharded, else one file.
+    from safetensors import safe_open
+
     shards = sorted(out.glob("*.safetensors"))
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    saved = set()
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            saved |= set(f.keys())
+    if len(shards) > 1:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == {p.name for p in shards}
+        assert set(index["weight_map"]) == saved
+    else:
+        assert [p.name for p in shards] == ["model.safetensors"]
     if name == "rms_gqa_freq_shared":
         assert config["moe_layers"] == [1, 2] and config["num_key_value_heads"] == 2
         assert config["rope_theta"] == 5000.0 and not config["tie_word_embeddings"]
         assert len(shards) >= 3  # --max-shard-size 150KB
+        assert "lm_head.weight" in saved
+        # SentencePiece: kept for Megatron, and as tokenizer.json + config for AutoTokenizer.
         assert (out / "tokenizer.model").read_bytes() == Path(args.tokenizer_model).read_bytes()
+        assert {"tokenizer.json", "tokenizer_config.json"} <= files
+        assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 3)
     else:
         assert config["moe_layers"] == [0, 1, 2] and config["tie_word_embeddings"]
-        assert "lm_head.weight" not in index["weight_map"]
+        assert "lm_head.weight" not in saved
+        assert not {"tokenizer.json", "tokenizer.model"} & files  # NullTokenizer: none
 
 
 def test_converter_verified_logits(exported):
@@ -187,6 +203,7 @@ def test_logits_match_megatron_eval(exported):
 def test_greedy_generation_matches_megatron_loop(exported):
     _, model, _, out, _ = exported
     hf = _load_hf(out)
+    hf.generation_config.eos_token_id = None  # the Megatron loop below has no stop token
     prompt = _tokens(batch=2, length=6, seed=2)
     with torch.no_grad():
         generated = hf.generate(prompt, max_new_tokens=20, do_sample=False,
@@ -260,13 +277,13 @@ def test_refuses_mismatched_config_naming_the_tensor(exported):
 def test_refuses_unsupported_architecture(exported):
     import copy
 
-    from megatron_dirmoe.convert.megatron_checkpoint import transformer_config_from_args
+    from megatron_dirmoe.convert.megatron_checkpoint import cpu_args
 
     _, _, args, _, _ = exported
     bad = copy.copy(args)
     bad.rotary_percent = 0.5
     with pytest.raises(ValueError, match="--rotary-percent 0.5"):
-        transformer_config_from_args(bad)
+        cpu_args(bad)
 
 
 def _save_renamed(model, args, save_dir, rename):
@@ -363,6 +380,24 @@ def test_checkpoint_from_pretrain_entry_point(megatron_single_rank, tmp_path):
         logits = hf(tokens).logits
     assert (logits - _megatron_logits(model, tokens)).abs().max().item() <= LOGIT_ATOL
 
+    # A normal HF folder: AutoTokenizer gives the training tokenizer's ids, pipeline generates.
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, pipeline
+
+    from megatron_dirmoe.convert.hf_tokenizer import SAMPLE_TEXTS
+    from megatron_dirmoe.data.corpus import iter_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "hf" / "tokenizer.model"))
+    docs = iter_documents("valid")
+    texts = [*SAMPLE_TEXTS, *(next(docs)["text"][:3000] for _ in range(20))]
+    for text in texts:
+        assert tokenizer(text)["input_ids"] == sp.encode(text), text[:60]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+    generator = pipeline("text-generation", model=str(tmp_path / "hf"), trust_remote_code=True)
+    text = generator("ROMEO.\nBut soft,", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("ROMEO.\nBut soft,") and len(text) > len("ROMEO.\nBut soft,")
+
 
 def test_capacity_factor_is_not_exported_and_verified_dropless(exported, tmp_path):
     import copy
@@ -383,10 +418,10 @@ def test_capacity_factor_is_not_exported_and_verified_dropless(exported, tmp_pat
 def test_bf16_checkpoint_converts(exported, tmp_path):
     """GPU runs save bf16 parameters (routers stay fp32): they load into the fp32 rebuild."""
     from megatron_dirmoe.convert.hf_export import convert_to_hf, load_hf_state
-    from megatron_dirmoe.convert.megatron_checkpoint import build_model_from_args
+    from megatron_dirmoe.convert.megatron_checkpoint import build_cpu_model
 
     _, model, args, _, _ = exported
-    bf16 = build_model_from_args(args)
+    bf16 = build_cpu_model(args)
     bf16.load_state_dict(model.state_dict())
     for name, param in bf16.named_parameters():
         if ".router." not in name:

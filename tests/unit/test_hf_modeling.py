@@ -110,3 +110,57 @@ def test_save_and_reload(tmp_path):
         # Same weights; loaded (mmap) storage may take another GEMM path: rounding only.
         assert (model(tokens).logits - again(tokens).logits).abs().max().item() < 1e-6
     assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(normalization="LayerNorm", qk_layernorm=True,
+                                                gated_linear_unit=False, hidden_act="gelu",
+                                                tie_word_embeddings=True)])
+def test_greedy_generate_equals_recompute_loop(overrides):
+    """`generate()` (KV cache handed back and forth under the installed transformers' cache
+    name) gives the tokens of a loop that recomputes the whole sequence without a cache."""
+    model = _model(**overrides)
+    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                   max_new_tokens=10, do_sample=False, pad_token_id=0)
+        seq = prompt
+        for _ in range(10):
+            next_token = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, next_token], dim=1)
+    assert torch.equal(generated, seq)
+
+
+def test_cache_is_returned_under_the_transformers_field_name():
+    from dataclasses import fields
+
+    from transformers.cache_utils import Cache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from megatron_dirmoe.hf.modeling_dirmoe import CACHE_FIELD
+
+    assert CACHE_FIELD in {f.name for f in fields(CausalLMOutputWithPast)}
+    model = _model()
+    tokens = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = model(tokens[:, :4], use_cache=True)
+        cache = out[CACHE_FIELD]
+        assert isinstance(cache, Cache) and cache.get_seq_length() == 4
+        step = model(tokens[:, 4:], **{CACHE_FIELD: cache}).logits
+        full = model(tokens, use_cache=False).logits
+        with pytest.raises(ValueError, match="KV cache once"):
+            model(tokens[:, 5:], cache=cache, past_key_values=cache)
+    assert (step - full[:, 4:]).abs().max().item() < 1e-5
+
+
+def test_labels_give_the_transformers_causal_lm_loss():
+    import torch.nn.functional as F
+
+    model = _model()
+    tokens = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(8))
+    labels = tokens.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        out = model(tokens, labels=labels)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+    assert torch.allclose(out.loss, expected, atol=1e-6)
