@@ -25,9 +25,14 @@ __all__ = ["main", "cli"]
 
 
 def main(argv: Optional[Sequence[str]] = None):
+    from megatron_dirmoe.training import startup_noise
+
+    startup_noise.install()  # before Megatron is imported: its TE/apex warnings -> one line
+
     from megatron_dirmoe.training.arguments import parse_pretrain_args
 
     args = parse_pretrain_args(argv)
+    _check_wandb(args)
     if args.dirmoe_use_cuda:
         from megatron_dirmoe.training.gpu import pretrain_on_cuda
 
@@ -38,8 +43,24 @@ def main(argv: Optional[Sequence[str]] = None):
     from megatron_dirmoe.training.cpu_loop import train_on_cpu
 
     unset_global_variables()  # allow repeated calls in one process (tests)
+    # one_logger tracks megatron.training's own loop; the CPU loop reports nothing to it (and
+    # Megatron prints a warning on every start when the NVIDIA-internal package is missing).
+    args.enable_one_logger = False
     set_global_variables(args)
     return train_on_cpu(args)
+
+
+def _check_wandb(args) -> None:
+    """``--wandb-project`` logs through Megatron's W&B writer (as megatron.training does), which
+    needs the ``wandb`` package: say so up front rather than with an ImportError mid start-up."""
+    import importlib.util
+
+    if getattr(args, "wandb_project", "") and importlib.util.find_spec("wandb") is None:
+        raise SystemExit(
+            f"dirmoe-pretrain: --wandb-project {args.wandb_project!r} needs the wandb package, "
+            "which is not installed: pip install wandb (then `wandb login`), or drop the "
+            "--wandb-* flags; --tensorboard-dir logs the same scalars without it"
+        )
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:

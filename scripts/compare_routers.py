@@ -516,12 +516,8 @@ def _device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also parsed by the README test, without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--routers", nargs="+", default=None,
@@ -542,6 +538,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--heldout-sequences", type=int, default=256, help=argparse.SUPPRESS)
     parser.add_argument("--meta", default="{}", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
     opts = parser.parse_args(argv)
 
     if opts.worker is not None:

@@ -473,6 +473,9 @@ def _kind_from_type(tokenizer_type: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_dirmoe.training import startup_noise
+
+    startup_noise.install(summary=False)  # Megatron's TE/apex notices concern training only
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = ("preprocess", "train-tokenizer", "prepare-embedded")
     if not argv or argv[0] not in commands + ("-h", "--help"):
