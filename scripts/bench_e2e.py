@@ -18,6 +18,14 @@ dispatcher and bf16, as `slurm/small.sh` does, with EP = 1. ``--peak-tflops`` gi
 peak for MFU (default: known GPUs by name, H100/H200 989). Extra flags after ``--`` go to both
 runs (e.g. ``-- --recompute-granularity selective``). Results: a table on stdout and JSON with
 ``--json``.
+
+Settings search: each ``--variant NAME="FLAGS"`` trains DirMoE once more with FLAGS added; the
+variant with the highest TFLOP/s (MFU) wins and TopK runs with the same flags, so both routers
+get the best settings found for DirMoE:
+
+    python scripts/bench_e2e.py --size small --steps 30 --log-interval 10 \
+        --variant mbs4="--micro-batch-size 4" --variant mbs16="--micro-batch-size 16" \
+        --variant permute-fusion="--moe-permute-fusion"
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -61,12 +70,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--nproc", type=int, default=1, help="GPUs (torchrun) on the CUDA path")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+                   help="extra settings to try for DirMoE (repeatable); the best also runs "
+                        "for TopK")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="-- then flags for both runs")
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first interval is warm-up)")
     if args.extra[:1] == ["--"]:
         args.extra = args.extra[1:]
+    variants = {}
+    for item in args.variant:
+        name, sep, flags = item.partition("=")
+        if not sep or not name:
+            p.error(f"--variant {item!r}: expected NAME=\"FLAGS\"")
+        variants[name] = shlex.split(flags)
+    args.variants = variants
     return args
 
 
@@ -76,6 +95,11 @@ def _use_cuda(device: str) -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _last_value(flags: list[str], name: str) -> int:
+    """The value a flag ends up with (argparse: the last occurrence wins)."""
+    return int([flags[i + 1] for i, f in enumerate(flags[:-1]) if f == name][-1])
 
 
 def run_once(opts: argparse.Namespace, router_flags: list[str], workdir: str) -> dict:
@@ -103,38 +127,57 @@ def run_once(opts: argparse.Namespace, router_flags: list[str], workdir: str) ->
                          f"exit status {proc.returncode}")
     it, tokens_per_s, tflops, k, mfu = lines[-1]
     tokens_per_s = float(tokens_per_s.replace(",", ""))
-    size = dict(zip(SIZES[opts.size][::2], SIZES[opts.size][1::2]))
-    tokens_per_step = int(size["--global-batch-size"]) * int(size["--seq-length"])
+    tokens_per_step = (_last_value(flags, "--global-batch-size")
+                       * _last_value(flags, "--seq-length"))
     return dict(iteration=int(it), tokens_per_s=tokens_per_s,
                 step_ms=1000.0 * tokens_per_step / tokens_per_s, tflops_per_device=float(tflops),
                 active_experts=float(k),
                 mfu=None if mfu == "n/a" else float(mfu.rstrip("%")) / 100.0)
 
 
+def _row(name: str, r: dict) -> str:
+    mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    return (f"{name:<16} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} "
+            f"{r['tflops_per_device']:>12.4g} {r['active_experts']:>5.2f} {mfu:>7}")
+
+
+HEADER = f"{'run':<16} {'tokens/s':>12} {'step ms':>9} {'TFLOP/s/dev':>12} {'k':>5} {'MFU':>7}"
+
+
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    dirmoe_flags = ["--dirmoe-target-k", str(opts.target_k)]
     with tempfile.TemporaryDirectory() as workdir:
-        dirmoe = run_once(opts, ["--dirmoe-target-k", str(opts.target_k)], workdir)
+        dirmoe = run_once(opts, dirmoe_flags, workdir)
+        tried = {"default": dirmoe}
+        for name, flags in opts.variants.items():
+            tried[name] = run_once(opts, dirmoe_flags + flags, workdir)
+        winner = max(tried, key=lambda name: tried[name]["tflops_per_device"])
+        if len(tried) > 1:
+            print("DirMoE settings (the highest TFLOP/s wins):\n" + HEADER)
+            for name, r in tried.items():
+                print(_row(name + (" *" if name == winner else ""), r))
+            print()
+        dirmoe = tried[winner]
+        best = opts.variants.get(winner, [])
         k = max(1, round(dirmoe["active_experts"]))
         # Megatron's usual top-k baseline: softmax scores with the aux load-balancing loss
-        # (pre-softmax, which Megatron requires at k = 1).
+        # (pre-softmax, which Megatron requires at k = 1), with the same settings.
         topk = run_once(opts, ["--dirmoe-router", "topk", "--moe-router-topk", str(k),
                                "--moe-router-load-balancing-type", "aux_loss"]
-                        + (["--moe-router-pre-softmax"] if k == 1 else []), workdir)
-    rows = [("DirMoE", dirmoe), (f"TopK k={k}", topk)]
-    print(f"{'router':<12} {'tokens/s':>12} {'step ms':>9} {'TFLOP/s/dev':>12} {'k':>5} "
-          f"{'MFU':>7}")
-    for name, r in rows:
-        print(f"{name:<12} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} "
-              f"{r['tflops_per_device']:>12.4g} {r['active_experts']:>5.2f} "
-              f"{'n/a' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%':>7}")
+                        + (["--moe-router-pre-softmax"] if k == 1 else []) + best, workdir)
+    print(HEADER)
+    print(_row("DirMoE", dirmoe))
+    print(_row(f"TopK k={k}", topk))
     ratio = dirmoe["tokens_per_s"] / topk["tokens_per_s"]
     print(f"DirMoE / TopK tokens/s: {ratio:.3f} (size {opts.size}, {opts.steps} steps, "
-          f"interval {opts.log_interval or max(1, opts.steps // 2)})")
+          f"interval {opts.log_interval or max(1, opts.steps // 2)}, settings {winner!r}: "
+          f"{' '.join(best) or 'as given'})")
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(dict(size=opts.size, steps=opts.steps, dirmoe=dirmoe, topk=topk,
-                           topk_k=k, tokens_per_s_ratio=ratio), f, indent=2)
+                           topk_k=k, tokens_per_s_ratio=ratio, variants=tried,
+                           winner=winner, winner_flags=best), f, indent=2)
     return 0
 
 

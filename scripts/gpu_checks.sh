@@ -9,7 +9,7 @@
 # lands in RESULTS_DIR/<step>.log and its exit status in RESULTS_DIR/summary.txt. A failing step
 # does not stop the others. STEP_TIMEOUT (seconds, default 240) bounds each step.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 out=${1:-${OUT:-gpu_results}}
 mkdir -p "$out"
 python=${PYTHON:-python3}
@@ -32,8 +32,10 @@ step bench_router "$python" scripts/bench_router.py --device cuda --tokens 32768
   --experts 8 64 --iters 50 --warmup 10
 step bench_moe_layer "$python" scripts/bench_moe_layer.py --device cuda --tokens 32768 \
   --hidden 1024 --experts 8 --ffn-hidden 2816 --target-k 1
-step bench_e2e "$python" scripts/bench_e2e.py --size small --steps 30 --log-interval 10 \
-  --json "$out/bench_e2e.json"
+# DirMoE at the default settings and two candidates, TopK at the winner's: four trainings.
+STEP_TIMEOUT=360 step bench_e2e "$python" scripts/bench_e2e.py --size small --steps 20 \
+  --log-interval 10 --variant mbs16="--micro-batch-size 16" \
+  --variant permute-fusion="--moe-permute-fusion" --json "$out/bench_e2e.json"
 step torchrun_1gpu "$python" -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m megatron_dirmoe.pretrain --preset tiny --dirmoe-device cuda --train-iters 20 \
   --log-interval 5 --eval-interval 20 --save "$out/tiny_ckpt" --load "$out/tiny_ckpt"

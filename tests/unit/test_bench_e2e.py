@@ -21,7 +21,7 @@ def test_bench_e2e_two_steps_on_cpu(tmp_path):
     out = tmp_path / "e2e.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_e2e.py"), "--size", "tiny", "--steps",
-         "2", "--device", "cpu", "--json", str(out)],
+         "2", "--device", "cpu", "--json", str(out), "--variant", "mbs2=--micro-batch-size 2"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "DirMoE / TopK tokens/s" in proc.stdout
@@ -44,5 +44,13 @@ def test_bench_e2e_two_steps_on_cpu(tmp_path):
         rel = 0.5 / run["tokens_per_s"] + 5e-4
         assert run["tflops_per_device"] == pytest.approx(run["tokens_per_s"] * flops / 1e12,
                                                          rel=rel)
+    # The settings search: the variant with the highest TFLOP/s is the DirMoE row, and TopK
+    # ran with its flags.
+    variants = result["variants"]
+    assert set(variants) == {"default", "mbs2"}
+    assert result["winner"] == max(variants, key=lambda n: variants[n]["tflops_per_device"])
+    assert dirmoe == variants[result["winner"]]
+    assert result["winner_flags"] == ({"default": [], "mbs2": ["--micro-batch-size", "2"]}
+                                      [result["winner"]])
     assert result["tokens_per_s_ratio"] == pytest.approx(
         dirmoe["tokens_per_s"] / topk["tokens_per_s"])
