@@ -50,9 +50,10 @@ class DirMoEConfig:
     """
 
     recipe: str = _doc(
-        "'calibrated': route where the spike gate fires (z >= 1/2, an exact Bernoulli(sigmoid(l)) "
-        "draw), penalise the expected squared miss of that realised count and balance each "
-        "gate's batch firing rate against the prior k/E; 'paper': the paper notes read "
+        "'calibrated': route where the spike gate is more likely on than off (pi = "
+        "sigmoid(l / tau) >= 1/2, in training and evaluation alike; top-k when none is), "
+        "penalise the expected squared miss E[(N - k)^2] of the count and balance each gate's "
+        "batch firing rate against the prior k/E; 'paper': the paper notes read "
         "literally (route where the combined weight w >= --dirmoe-route-threshold, penalty "
         "(sum pi - k)^2, no balance term)",
         default="calibrated",

@@ -39,12 +39,12 @@ class DirMoEMetricsTracker(MoEMetricsTracker):
         self.last_iteration: Optional[int] = None
         self._throughput = None
 
-    def enable_throughput(self, meter, log_interval: int, interval_seconds: Callable[[], float],
-                          moe_layers: List[int]) -> None:
+    def enable_throughput(self, meter, log_interval: int,
+                          interval_seconds: Callable[[], float]) -> None:
         """Append tokens/s, TFLOP/s and MFU at the realised k to every ``log_interval``-th report
         (`megatron_dirmoe.throughput`); `interval_seconds` gives the wall time since the last
         log line. `megatron.training` calls ``report`` once per iteration."""
-        self._throughput = (meter, log_interval, interval_seconds, moe_layers)
+        self._throughput = (meter, log_interval, interval_seconds)
 
     def report(self, loss_scale, iteration, *args, track_names=None, **kwargs) -> str:
         from megatron_dirmoe.throughput import log_throughput
@@ -55,10 +55,8 @@ class DirMoEMetricsTracker(MoEMetricsTracker):
         self.last_iteration = iteration
         text = super().report(loss_scale, iteration, *args, track_names=track_names, **kwargs)
         if self._throughput is not None:
-            meter, log_interval, interval_seconds, moe_layers = self._throughput
-            active = self.last_per_layer.get("dirmoe/active_experts")
-            meter.add(1, None if meter.fixed_active is not None or active is None
-                      else [float(active[n - 1]) for n in moe_layers])
+            meter, log_interval, interval_seconds = self._throughput
+            meter.add_step(self.last_per_layer.get("dirmoe/active_experts"))
             if iteration % log_interval == 0:
                 speed = meter.report(interval_seconds())
                 log_throughput(speed, iteration, kwargs.get("writer"), kwargs.get("wandb_writer"))

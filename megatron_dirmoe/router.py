@@ -9,6 +9,7 @@ loss (aux_loss), and metrics for Megatron's MoE tracker.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from typing import Iterable, Optional
 
@@ -402,6 +403,7 @@ def reset_routing_noise() -> None:
         tracker.set_states(states)
 
 
+@functools.lru_cache(maxsize=None)  # asked on every routing call: hash once per stream
 def routing_noise_seed(base_seed: int, stream: int) -> int:
     """The seed of stream `stream` (a global rank, see `DirichletRouter._noise_rng`): a hash, so
     that nearby base seeds and ranks never give overlapping seeds (as ``seed + rank`` would)."""
@@ -549,17 +551,21 @@ def _routing_step(
             gate_prob_TE = gate_prob_TE * valid_T[:, None]
         loss_sum = per_token_T.sum()
         gate_prob_sum_E = gate_prob_TE.sum(dim=0)
-    stats, load_E = routing_statistics(
-        result,
-        routing_map_TE,
-        valid_T,
-        kl_T,
-        sparsity_T,
-        route_threshold=route_threshold,
-        leak=leak,
-        max_active=max_active,
-        rule=rule,
-    )
+        # Statistics are recorded only by the forward that builds the graph (see `routing`):
+        # evaluation and the no-grad first pass of activation recompute skip them.
+        stats, load_E = routing_statistics(
+            result,
+            routing_map_TE,
+            valid_T,
+            kl_T,
+            sparsity_T,
+            route_threshold=route_threshold,
+            leak=leak,
+            max_active=max_active,
+            rule=rule,
+        )
+    else:
+        stats = load_E = None
     return (probs_TE, routing_map_TE, loss_sum, stats, load_E, result.gate_prob_TE,
             gate_prob_sum_E)
 

@@ -39,7 +39,8 @@ from typing import Any, Optional, Sequence
 from megatron_dirmoe.layout import moe_layer_numbers
 
 __all__ = ["PEAK_BF16_TFLOPS", "peak_tflops_for", "forward_flops_per_token",
-           "training_flops_per_token", "ThroughputMeter", "Throughput", "log_throughput"]
+           "training_flops_per_token", "ThroughputMeter", "Throughput", "meter_for_run",
+           "log_throughput"]
 
 # Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, in TFLOP/s, matched
 # by substring of torch.cuda.get_device_name(); most specific first.
@@ -133,8 +134,9 @@ class ThroughputMeter:
         self.args = args
         self.devices = max(1, int(devices))
         self.peak_tflops = peak_tflops
-        self.num_moe_layers = (len(moe_layer_numbers(args.moe_layer_freq, args.num_layers))
-                               if args.num_experts else 0)
+        self.moe_layers = (moe_layer_numbers(args.moe_layer_freq, args.num_layers)
+                           if args.num_experts else [])
+        self.num_moe_layers = len(self.moe_layers)
         self.fixed_active = fixed_active
         self.tokens_per_iteration = args.global_batch_size * args.seq_length
         self._reset()
@@ -153,6 +155,12 @@ class ThroughputMeter:
             self._active_sum[i] += float(value) * iterations
         self.iterations += iterations
 
+    def add_step(self, active_by_layer=None) -> None:
+        """One step, from the tracker's per-layer ``dirmoe/active_experts`` (indexed by layer
+        number - 1, dense layers included); ``fixed_active`` when set or when None."""
+        self.add(1, None if self.fixed_active is not None or active_by_layer is None
+                 else [float(active_by_layer[n - 1]) for n in self.moe_layers])
+
     def report(self, seconds: float) -> Optional[Throughput]:
         """The interval's throughput (None when no iteration was added); resets the interval."""
         if self.iterations == 0 or seconds <= 0:
@@ -165,6 +173,16 @@ class ThroughputMeter:
         mean_active = sum(active) / len(active) if active else 0.0
         self._reset()
         return Throughput(tokens_per_s, tflops, mfu, mean_active)
+
+
+def meter_for_run(args: Any, *, devices: int = 1,
+                  device_name: Optional[str] = None) -> ThroughputMeter:
+    """The meter of a training run: the peak from ``--dirmoe-peak-tflops`` or the device's name,
+    and ``--moe-router-topk`` experts per token for the top-k baseline."""
+    return ThroughputMeter(
+        args, devices=devices,
+        peak_tflops=getattr(args, "dirmoe_peak_tflops", None) or peak_tflops_for(device_name),
+        fixed_active=None if args.dirmoe_router == "dirichlet" else args.moe_router_topk)
 
 
 def log_throughput(speed: Optional[Throughput], iteration: int, writer=None,

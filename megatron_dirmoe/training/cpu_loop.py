@@ -164,7 +164,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     from megatron_dirmoe.single_rank import init_single_rank
     from megatron_dirmoe.config import dirmoe_config_from_args
     from megatron_dirmoe.layout import moe_layer_numbers
-    from megatron_dirmoe.throughput import ThroughputMeter, log_throughput, peak_tflops_for
+    from megatron_dirmoe.throughput import log_throughput, meter_for_run
     from megatron_dirmoe.training.builders import build_model_from_args
     from megatron_dirmoe.training.checkpointing import (
         check_resume_config,
@@ -219,11 +219,8 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     tokens_per_iter = args.global_batch_size * args.seq_length
     cfg = dirmoe_config_from_args(args)
     moe_layers = moe_layer_numbers(args.moe_layer_freq, args.num_layers)
-    dirichlet = args.dirmoe_router == "dirichlet"
-    meter = ThroughputMeter(
-        args, peak_tflops=args.dirmoe_peak_tflops or (
-            peak_tflops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None),
-        fixed_active=None if dirichlet else args.moe_router_topk)
+    meter = meter_for_run(args, device_name=torch.cuda.get_device_name(device)
+                          if device.type == "cuda" else None)
     train_seconds = 0.0  # steps only: evaluation and checkpoints are not training throughput
     _log(f"[dirmoe] CPU training: {num_params / 1e6:.2f}M parameters, {len(moe_layers)} MoE "
          f"layers x {args.num_experts} experts ({args.dirmoe_router} router, target k "
@@ -264,8 +261,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
         step_seconds = time.time() - t_step
         train_seconds += step_seconds
         active = tracker.last_per_layer.get("dirmoe/active_experts")
-        meter.add(1, None if not dirichlet or active is None
-                  else [float(active[n - 1]) for n in moe_layers])
+        meter.add_step(active)
         row = {"iteration": iteration, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"],
                "step_seconds": step_seconds}
         row.update({name: [float(v) for v in tracker.last_per_layer[name][[n - 1 for n in

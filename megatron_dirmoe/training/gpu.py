@@ -190,20 +190,16 @@ def _log_throughput_at_realised_k(args, tracker) -> None:
     DirMoE the cap, 4k by default), by tokens/s, TFLOP/s and MFU at the realised k."""
     from megatron.training.global_vars import get_timers
 
-    from megatron_dirmoe.layout import moe_layer_numbers
-    from megatron_dirmoe.throughput import ThroughputMeter, peak_tflops_for
+    from megatron_dirmoe.throughput import meter_for_run
 
     args.log_throughput = False
-    peak = args.dirmoe_peak_tflops or peak_tflops_for(torch.cuda.get_device_name())
-    meter = ThroughputMeter(
-        args, devices=args.world_size, peak_tflops=peak,
-        fixed_active=None if args.dirmoe_router == "dirichlet" else args.moe_router_topk)
+    meter = meter_for_run(args, devices=args.world_size,
+                          device_name=torch.cuda.get_device_name())
     # megatron.training's interval timer runs from one log line to the next (it is read and
     # reset after the MoE report of the logging iteration).
     tracker.enable_throughput(
         meter, args.log_interval,
-        lambda: get_timers()("interval-time").elapsed(barrier=False, reset=False),
-        moe_layer_numbers(args.moe_layer_freq, args.num_layers))
+        lambda: get_timers()("interval-time").elapsed(barrier=False, reset=False))
 
 
 def _print_summary(args, tracker) -> None:

@@ -109,7 +109,7 @@ def test_gpu_path_tracker_appends_throughput_on_log_iterations(megatron_single_r
 
     tracker = DirMoEMetricsTracker()
     meter = ThroughputMeter(_args(), devices=1, peak_tflops=1e-3)
-    tracker.enable_throughput(meter, 2, lambda: 0.25, [1, 2])
+    tracker.enable_throughput(meter, 2, lambda: 0.25)
     writer = Writer()
     lines = []
     for iteration, counts in ((1, (1.0, 2.0)), (2, (2.0, 3.0))):
