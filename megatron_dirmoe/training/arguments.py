@@ -147,9 +147,13 @@ def _cuda_available() -> bool:
 
 
 def parse_pretrain_args(
-    argv: Optional[Sequence[str]] = None, *, validate: bool = True
+    argv: Optional[Sequence[str]] = None, *, validate: bool = True, check_device: bool = True
 ) -> argparse.Namespace:
     """Parse and complete the command line.
+
+    ``check_device=False`` skips what depends on the machine this runs on (is CUDA usable for
+    the ranks the launcher started; `megatron_dirmoe.training.world`): the Slurm dry run checks
+    a job for other machines.
 
     Returns Megatron's namespace (validated by `validate_args` when ``validate``) with
     ``args.dirmoe_use_cuda`` (which path trains), ``args.dirmoe_config`` (the validated
@@ -175,6 +179,13 @@ def parse_pretrain_args(
     args._is_global_batch_size_explicitly_specified = args.global_batch_size is not None
     args.rank = int(os.getenv("RANK", "0"))
     args.world_size = int(os.getenv("WORLD_SIZE", "1"))
+    if check_device:
+        from megatron_dirmoe.training.world import LaunchError, check_device_for_world
+
+        try:  # never N silent single-process CPU runs under a launcher
+            check_device_for_world(pre.dirmoe_device, use_cuda, args.world_size)
+        except LaunchError as exc:
+            parser.error(str(exc))
 
     if args.train_iters is None:
         parser.error("--train-iters is required (the DirMoE schedules are defined over it)")
