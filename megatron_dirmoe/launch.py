@@ -198,10 +198,15 @@ def entry_point_check(pretrain_args: Sequence[str], world_size: int):
     import contextlib
     import io
 
+    import importlib.util
+
     try:
-        from megatron_dirmoe.training.arguments import parse_pretrain_args
-    except ImportError:
+        if importlib.util.find_spec("megatron.training") is None:
+            return _NO_MEGATRON
+    except ImportError:  # no `megatron` package at all
         return _NO_MEGATRON
+    from megatron_dirmoe.training.arguments import parse_pretrain_args
+
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
