@@ -13,3 +13,14 @@ def megatron_single_rank():
     from megatron_dirmoe.single_rank import init_single_rank
 
     init_single_rank("gloo")
+
+
+@pytest.fixture(autouse=True)
+def fresh_moe_metrics_tracker():
+    """Megatron's MoE metrics tracker is process-global and keeps each entry's per-layer shape
+    from the first model that recorded it; a test building a model with another layer count must
+    not see the previous test's entries."""
+    yield
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+    destroy_moe_metrics_tracker()
