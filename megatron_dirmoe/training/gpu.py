@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-__all__ = ["model_provider", "forward_step", "get_batch", "pretrain_on_cuda"]
+__all__ = ["model_provider", "forward_step", "get_batch", "pretrain_on_cuda", "check_resume"]
 
 _ROUTERS_BY_MODEL: dict[int, list] = {}
 
@@ -170,19 +170,32 @@ def pretrain_on_cuda(args: argparse.Namespace) -> None:
 
     if args.context_parallel_size > 1:
         raise ValueError("--context-parallel-size > 1 is not supported by the DirMoE launcher yet")
-    from megatron_dirmoe.training.checkpointing import check_resume_config, read_checkpoint_args
-
-    # Before megatron.training loads the weights: a changed router config or schedule horizon
-    # would otherwise resume silently.
-    check_resume_config(read_checkpoint_args(args.load), args, args.load)
+    check_resume(args)
     _use_prebuilt_dataset_helpers()
     set_global_variables(args)
-    tracker = install_metrics_tracker()
+    # num_experts: pipeline stages without a DirMoE layer join the routing metrics' all-reduce.
+    tracker = install_metrics_tracker(
+        num_experts=args.num_experts if args.dirmoe_router == "dirichlet" else None)
     _log_throughput_at_realised_k(args, tracker)
     cfg = pretrain_cfg_container_from_args(args)
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=model_provider)
     _print_summary(args, tracker)
+
+
+def check_resume(args) -> None:
+    """What `pretrain_on_cuda` checks before megatron.training loads ``--load``: a changed
+    router config or schedule horizon would otherwise resume silently, and a layout whose
+    optimizer state Megatron cannot load would fail deep in its loader."""
+    from megatron_dirmoe.training.checkpointing import (
+        check_resume_config,
+        check_resume_layout,
+        read_checkpoint_args,
+    )
+
+    saved_args = read_checkpoint_args(args.load)
+    check_resume_config(saved_args, args, args.load)
+    check_resume_layout(saved_args, args, args.load)
 
 
 def _log_throughput_at_realised_k(args, tracker) -> None:

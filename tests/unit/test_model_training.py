@@ -21,13 +21,14 @@ def _pattern_batch(gen: torch.Generator) -> torch.Tensor:
 
 
 def _train(model, steps=STEPS, lr=3e-3, attention_mask=None):
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+    from megatron_dirmoe.metrics import install_metrics_tracker
     from megatron_dirmoe.router import set_router_iteration
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    get_moe_metrics_tracker().clear()
+    tracker = install_metrics_tracker()
+    tracker.clear()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(0)
     position_ids = torch.arange(SEQ)[None].expand(BATCH, -1)
@@ -40,9 +41,8 @@ def _train(model, steps=STEPS, lr=3e-3, attention_mask=None):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        tracker = get_moe_metrics_tracker()
-        metrics.append({k: v.values.clone() for k, v in tracker.metrics.items()})
-        tracker.clear()
+        tracker.report(loss_scale=1.0, iteration=step + 1, num_layers=model.config.num_layers)
+        metrics.append(dict(tracker.last_per_layer))
     return losses, metrics
 
 
