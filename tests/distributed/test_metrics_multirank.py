@@ -113,7 +113,7 @@ def layouts():
 def test_uniform_router_reads_all_experts_whatever_the_layout(layouts, name):
     for view in layouts[name]:  # every rank reports the global values
         for layer in range(view["pp"]):
-            got = {k: v[layer] for k, v in view["metrics"]["uniform"].items()}
+            got = {k: v[layer] for k, v in view["uniform"]["metrics"].items()}
             assert got["dirmoe/effective_experts"] == pytest.approx(E, rel=1e-6), got
             assert got["dirmoe/max_load"] == pytest.approx(1.0, rel=1e-6)
             assert got["dirmoe/load_simpson"] == pytest.approx(1 / E, rel=1e-6)
@@ -127,7 +127,7 @@ def test_active_experts_max_is_the_true_maximum(layouts, name):
     for view in layouts[name]:
         tokens = view["one_token_three_experts"]["tokens"]
         for layer in range(view["pp"]):
-            got = {k: v[layer] for k, v in view["metrics"]["one_token_three_experts"].items()}
+            got = {k: v[layer] for k, v in view["one_token_three_experts"]["metrics"].items()}
             has_extra = layer == 0  # rank 0 is on the first stage
             assert got["dirmoe/active_experts_max"] == (3 if has_extra else 1)
             expected = (tokens + 2 * MICRO) / tokens if has_extra else 1.0

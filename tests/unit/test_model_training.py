@@ -80,14 +80,23 @@ def test_dirmoe_gpt_trains_on_cpu(megatron_single_rank):
         assert weight_grad[:8].abs().sum() > 0 and weight_grad[8:].abs().sum() > 0
         assert bias_grad.abs().sum() > 0
 
+    # The routing maps the routers hand to the dispatcher, per layer, for the metrics check.
+    maps = {id(r): [] for r in routers}
+    hooks = [r.register_forward_hook(lambda m, i, out: maps[id(m)].append(out[1].clone()))
+             for r in routers]
     losses, metrics = _train(model)
+    for hook in hooks:
+        hook.remove()
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, (first, last)
-    # Per-layer routing metrics were recorded for both MoE layers every step.
-    for step_metrics in metrics:
-        active = step_metrics["dirmoe/active_experts"]
-        assert active.shape == (2,) and (active >= 1).all() and (active <= 4).all()
+    # Every step's reported metrics are those of the tokens the routers routed in that step.
+    for step, step_metrics in enumerate(metrics):
+        routed = [maps[id(r)][step] for r in routers]
+        active = torch.stack([m.sum(-1).float().mean() for m in routed])
+        torch.testing.assert_close(step_metrics["dirmoe/active_experts"], active)
+        top = torch.stack([m.sum(-1).max().float() for m in routed])
+        torch.testing.assert_close(step_metrics["dirmoe/active_experts_max"], top)
     assert metrics[0]["dirmoe/tau"][0].item() == pytest.approx(2.0)
     assert metrics[-1]["dirmoe/tau"][0].item() < 0.35
 
