@@ -156,7 +156,7 @@ def test_reported_metrics_are_those_of_all_tokens_of_the_step(router_factory):
     router.set_iteration(50)
     torch.manual_seed(1)
     maps = [router(torch.randn(16, 2, H) * scale)[1] for scale in (0.1, 30.0)]
-    text = tracker.report(loss_scale=0.5, iteration=1, num_layers=2)
+    text = tracker.report(loss_scale=0.5, iteration=1, num_layers=2, track_names=[])
     got = {name: values[0].item() for name, values in tracker.last_per_layer.items()}
 
     counts = [m.sum(-1).float() for m in maps]
@@ -176,7 +176,7 @@ def test_reported_metrics_are_those_of_all_tokens_of_the_step(router_factory):
     assert f"dirmoe/active_experts_max: {count.max().item():.2f} |" in text
     assert f"dirmoe/effective_experts: {1 / (share * share).sum().item():.2f} |" in text
     # Reported and cleared: the next report has nothing to say.
-    assert tracker.report(loss_scale=1.0, iteration=2, num_layers=2) == ""
+    assert tracker.report(loss_scale=1.0, iteration=2, num_layers=2, track_names=[]) == ""
 
 
 def test_metrics_and_load_count_only_the_forward_that_builds_the_graph(router_factory):
