@@ -2,7 +2,9 @@
 steps of 1024 tokens, 8 experts, target k = 1) ends with the realised number of experts per token
 within 10% of the target in every MoE layer, and with balanced load: at least 0.7 E effective
 experts (from the last step's global load). A routing or loss change that lets the count drift or
-the experts collapse fails here."""
+the experts collapse fails here. Measured (2026-12-06, 2 heavily shared CPU cores): k 1.077 / 1.010
+/ 1.021 / 1.007 and 6.65 / 7.33 / 7.36 / 7.26 effective experts in layers 1-4 (47 s of training on
+2 idle cores, README)."""
 
 from __future__ import annotations
 
