@@ -2,8 +2,10 @@
 
 Megatron's `Router.gating` moves CPU weights to `torch.cuda.current_device()` on first use, and
 `TopKRouter` allocates its aux-loss-free expert-bias buffers on the current CUDA device, so neither
-runs on a CPU-only machine. `DeviceAgnosticTopKRouter` changes only where tensors live: routing,
-aux losses and the expert-bias rule are Megatron's. On a GPU it behaves exactly like `TopKRouter`.
+runs on a CPU-only machine. `DeviceAgnosticTopKRouter` changes only where tensors live: the gating
+GEMM (Megatron's `router_gating_linear`, which saves the input in its own dtype), routing, aux
+losses and the expert-bias rule are Megatron's. On a GPU it computes and saves exactly what
+`TopKRouter` does, so benchmarks compare against stock Megatron.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import (
     get_default_pg_collection,
     get_updated_expert_bias,
+    router_gating_linear,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
@@ -46,14 +49,12 @@ class DeviceAgnosticTopKRouter(TopKRouter):
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
-        """Router logits in the configured router dtype, without moving weights."""
+        """`Router.gating` without moving the weights to CUDA: Megatron's
+        `router_gating_linear` in the configured router dtype."""
         router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
             self.config.moe_router_dtype, input.dtype
         )
-        # Plain torch, like DirichletRouter.gating (the TE GEMM path of `router_gating_linear`
-        # fails with TE 2.20 for bf16 inputs and fp32 output on some shapes).
-        bias = None if self.bias is None else self.bias.to(router_dtype)
-        return torch.nn.functional.linear(input.to(router_dtype), self.weight.to(router_dtype), bias)
+        return router_gating_linear(input, self.weight, self.bias, router_dtype)
 
 
 def update_expert_biases(model) -> int:

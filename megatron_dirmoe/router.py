@@ -18,7 +18,6 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     get_default_pg_collection,
@@ -28,8 +27,8 @@ from megatron.core.transformer.moe.router import Router, TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dirmoe.config import DirMoEConfig
+from megatron_dirmoe.metrics import METRIC_NAMES, record_routing_row
 from megatron_dirmoe.routing import (
-    STAT_NAMES,
     balance_penalty,
     route,
     routing_regularizers,
@@ -42,10 +41,8 @@ __all__ = ["DirichletRouter", "set_router_iteration", "iter_dirichlet_routers", 
            "ROUTING_NOISE_RNG", "ROUTING_NOISE_RNG_CPU", "seed_routing_noise", "reset_routing_noise",
            "routing_noise_seed", "routing_noise_rng"]
 
-# Per-layer scalars recorded in Megatron's MoE metrics tracker (names end without "loss" so
-# Megatron's `total_loss_dict` handling leaves them alone).
-METRIC_NAMES = tuple(f"dirmoe/{name}" for name in STAT_NAMES) + (
-    "dirmoe/tau", "dirmoe/prior_scale", "dirmoe/balance_penalty")
+# METRIC_NAMES (re-exported here): the per-layer metrics the routers' rows give
+# (`megatron_dirmoe.metrics`).
 
 
 class DirichletRouter(Router):
@@ -158,10 +155,11 @@ class DirichletRouter(Router):
     # ------------------------------------------------------------------ forward
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """Spike and slab logits [..., 2E] in fp32 from one GEMM (device-agnostic, unlike
-        `Router.gating`, which moves CPU weights to CUDA)."""
-        # Plain torch rather than Megatron's `router_gating_linear`: with TE 2.20 its TE GEMM path
-        # fails (cuBLAS "unsupported value") for bf16 inputs and fp32 output on some shapes.
-        return torch.nn.functional.linear(input.float(), self.weight.float())
+        `Router.gating`, which moves CPU weights to CUDA). Saves `input` in its own dtype (bf16
+        under mixed precision) for the backward, as Megatron's `router_gating_linear` does."""
+        # Not Megatron's `router_gating_linear` itself: with TE 2.20 its TE GEMM path fails
+        # (cuBLAS "unsupported value") for bf16 inputs and fp32 output on some shapes.
+        return _GatingLinear.apply(input, self.weight)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Route [T, 2E] logits; returns (probs [T, E], routing_map [T, E])."""
@@ -199,12 +197,16 @@ class DirichletRouter(Router):
                 **self._static_kwargs,
             )
         if with_losses:
-            # One (possibly all-reduced) count of real tokens serves every loss that needs it.
-            num_tokens = (self._global_token_count(probs.shape[0], valid_T)
-                          if self.aux_loss_coeff > 0 or self.balance_scale > 0
-                          or not self.calculate_per_token_loss else None)
-            balance = (self._balance_penalty(gate_prob_sum_E, valid_T, probs.shape[0], num_tokens)
-                       if self.balance_scale > 0 else None)
+            # One count of real tokens (and the firing-rate sums of the balance term) over the
+            # TP x CP group serves every loss that needs it: at most one all-reduce per layer.
+            num_tokens = balance = None
+            if (self.aux_loss_coeff > 0 or self.balance_scale > 0
+                    or not self.calculate_per_token_loss):
+                with_balance = self.balance_scale > 0
+                num_tokens, group_sum_E = self._group_token_sums(
+                    gate_prob_sum_E if with_balance else None, valid_T, probs.shape[0])
+                if with_balance:
+                    balance = self._balance_penalty(gate_prob_sum_E, group_sum_E, num_tokens)
             probs = self._attach_losses(probs, loss_sum, num_tokens, balance)
             if self.aux_loss_coeff > 0:
                 probs = self._apply_load_balancing_loss(probs, gate_prob, routing_map, valid_T,
@@ -254,25 +256,41 @@ class DirichletRouter(Router):
         return _COMPILED_ROUTING_STEP
 
     # ------------------------------------------------------------------ losses
-    def _balance_penalty(self, gate_prob_sum_E, valid_T, num_local, num_tokens):
-        """The aggregate spike prior on the gates' firing rates over the micro-batch's real tokens.
+    def _group_token_sums(self, gate_prob_sum_E, valid_T, num_local: int):
+        """(real tokens, summed gate probabilities [E] or None) of this micro-batch over the
+        TP x CP group, the token shards of one data-parallel replica. One all-reduce when the
+        group has several ranks and something is data-dependent (padding, or the sums), none
+        otherwise; the count is a Python number without padding."""
+        size = self.tp_cp_group.size()
+        parts = []
+        if gate_prob_sum_E is not None:
+            parts.append(gate_prob_sum_E.detach())
+        if valid_T is not None:
+            parts.append(valid_T.sum().float().view(1))
+        if not parts:
+            return float(num_local * size), None
+        stats = torch.cat(parts)
+        if size > 1:
+            torch.distributed.all_reduce(stats, group=self.tp_cp_group)
+        num_tokens = (stats[-1].clamp(min=1.0) if valid_T is not None
+                      else float(num_local * size))
+        return num_tokens, (stats[:self.num_experts] if gate_prob_sum_E is not None else None)
 
-        The rates are a statistic of the whole micro-batch across TP x CP x DP (as Megatron's
-        global aux loss reduces its statistics over `tp_dp_cp`), so the value does not depend on
-        the layout. The gradient flows through this rank's tokens only, scaled like the other
-        losses (divided by the TP x CP token count): router gradients are then summed over TP x
-        CP and averaged over DP, which gives the single-rank gradient.
+    def _balance_penalty(self, gate_prob_sum_E, group_sum_E, num_tokens):
+        """The aggregate spike prior on the gates' firing rates over the micro-batch's real
+        tokens in this data-parallel replica.
+
+        The rates are reduced over TP x CP, as Megatron's default aux loss reduces its token
+        counts (`tp_cp_group`, in the router's forward): the value does not depend on how TP
+        and CP split the tokens, and data-parallel replicas never wait for each other here.
+        Each replica's term is that of its own micro-batch, like a gradient-accumulation
+        micro-batch on one rank, so a run equals one rank that accumulates its replicas'
+        micro-batches. The gradient flows through this rank's tokens only, scaled like the
+        other losses (divided by the TP x CP token count): summed over TP x CP by Megatron,
+        it is the gradient of the replica's term.
         """
         local_mean_E = gate_prob_sum_E / num_tokens
-        if self.tp_dp_cp_group.size() == 1:
-            return balance_penalty(local_mean_E, self.dirmoe_config.target_k)
-        # Real tokens on this rank, reduced with the sums in one all-reduce.
-        count_1 = (valid_T.sum().float().view(1) if valid_T is not None
-                   else gate_prob_sum_E.new_full((1,), float(num_local)))
-        stats = torch.cat([gate_prob_sum_E.detach(), count_1])
-        torch.distributed.all_reduce(stats, group=self.tp_dp_cp_group)
-        global_mean_E = stats[:-1] / stats[-1].clamp(min=1.0)
-        mean_E = local_mean_E + (global_mean_E - local_mean_E).detach()
+        mean_E = local_mean_E + (group_sum_E / num_tokens - local_mean_E).detach()
         return balance_penalty(mean_E, self.dirmoe_config.target_k)
 
     def _attach_losses(self, probs, loss_sum, num_tokens, balance=None):
@@ -315,18 +333,12 @@ class DirichletRouter(Router):
             valid_token_count=None if valid_T is None else valid_T.sum(),
         )
 
-    def _global_token_count(self, num_local: int, valid_T: Optional[torch.Tensor]):
-        group_size = self.tp_cp_group.size()
-        if valid_T is None:
-            return float(num_local * group_size)
-        count = valid_T.sum().float()
-        if group_size > 1:
-            torch.distributed.all_reduce(count, group=self.tp_cp_group)
-        return count.clamp(min=1.0)
-
     # ------------------------------------------------------------------ metrics
     @torch.no_grad()
     def _record_metrics(self, stats, load_E, schedule_2, balance=None) -> None:
+        """Add this forward's row (`megatron_dirmoe.metrics.routing_row_width`) to the
+        tracker: on the device, no collective, no host sync (the report reduces all layers'
+        rows once per step)."""
         if self.expert_load.device != load_E.device:
             self.expert_load = self.expert_load.to(load_E.device)
         self.expert_load += load_E
@@ -334,25 +346,41 @@ class DirichletRouter(Router):
             return
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         layer_number = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
-        tracker = get_moe_metrics_tracker()
-
-        def record(name, value):
-            tracker.record(
-                name, value, layer_number, num_layers, avg_group=self.tp_cp_group, needs_dp_avg=True
-            )
-
-        for index, name in enumerate(STAT_NAMES):
-            record(f"dirmoe/{name}", stats[index])
-        record("dirmoe/tau", schedule_2[0])
-        record("dirmoe/prior_scale", schedule_2[1])
-        if balance is not None:
-            record("dirmoe/balance_penalty", balance.detach())
+        one = torch.ones(1, dtype=torch.float32, device=load_E.device)
+        balance_2 = (torch.cat([one, balance.detach().float().view(1)]) if balance is not None
+                     else torch.zeros(2, dtype=torch.float32, device=load_E.device))
+        row = torch.cat([stats.float(), load_E, one, schedule_2, balance_2]).double()
+        record_routing_row(row, layer_number, num_layers, self.num_experts)
 
     def pop_expert_load(self) -> torch.Tensor:
         """Tokens routed to each expert since the last call (local rank), then reset."""
         load = self.expert_load.clone()
         self.expert_load.zero_()
         return load
+
+
+class _GatingLinear(torch.autograd.Function):
+    """``input [..., h] @ weight [2E, h].T`` in fp32, keeping the input in its own dtype for the
+    backward: the fp32 copy of a bf16 input exists only inside forward and backward, so the
+    router's saved activation is the bf16 input, as for Megatron's `TopKRouter` (plain
+    ``F.linear(input.float(), ...)`` would save the fp32 copy: twice the memory)."""
+
+    @staticmethod
+    def forward(ctx, input, weight):
+        ctx.save_for_backward(input, weight)
+        return torch.nn.functional.linear(input.float(), weight.float())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        grad_output = grad_output.float()
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_input = (grad_output @ weight.float()).to(input.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_output.reshape(-1, grad_output.shape[-1]).t()
+                           @ input.reshape(-1, input.shape[-1]).float()).to(weight.dtype)
+        return grad_input, grad_weight
 
 
 # ---------------------------------------------------------------------- routing-noise streams

@@ -28,7 +28,8 @@ __all__ = [
     "route",
     "routing_regularizers",
     "routing_statistics",
-    "STAT_NAMES",
+    "routing_statistics_width",
+    "STAT_SUMS",
 ]
 
 # Keeps U ~ Uniform(0, 1) away from 0 and 1 so the logistic noise log U - log(1 - U) stays finite.
@@ -295,20 +296,26 @@ def routing_regularizers(
     return kl_T, sparsity_T
 
 
-# Names of the entries of `routing_statistics(...)[0]`, in order.
-STAT_NAMES = (
+# Columns of `routing_statistics(...)[0]`: sums over the real (non-padded) tokens, so that the
+# rows of micro-batches, ranks and sequence shards add up to the row of all their tokens; means
+# are taken only after that sum (`megatron_dirmoe.metrics`). They are followed by a histogram of
+# experts per token: column ``len(STAT_SUMS) + j`` counts the tokens routed to exactly j experts,
+# j = 0..E, which sums like the rest and gives the true maximum after any reduction.
+STAT_SUMS = (
+    "tokens",
     "active_experts",
-    "active_experts_max",
     "expected_k",
-    "fallback_frac",
-    "capped_frac",
-    "load_simpson",
-    "effective_experts",
-    "max_load",
+    "fallback",
+    "capped",
     "kl",
     "sparsity_penalty",
     "eval_active_experts",
 )
+
+
+def routing_statistics_width(num_experts: int) -> int:
+    """Length of `routing_statistics(...)[0]` for `num_experts` experts."""
+    return len(STAT_SUMS) + num_experts + 1
 
 
 def routing_statistics(
@@ -323,13 +330,14 @@ def routing_statistics(
     max_active: int,
     rule: str = "weight",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing-health statistics over real (non-padded) tokens, as one vector (see
-    `STAT_NAMES`) plus the routed-token count per expert [E].
+    """Routing-health sums over real (non-padded) tokens, as one fp32 vector (`STAT_SUMS`, then
+    the histogram of experts per token), plus the routed-token count per expert [E].
 
-    `max_load` is the busiest expert's load relative to uniform (1 = perfectly balanced);
-    `load_simpson` is sum_e f_e^2 of the load fractions f and `effective_experts` its inverse;
-    `eval_active_experts` is what the deterministic (eval) path would route for the same
-    logits: the train/eval gap. `kl` and `sparsity_penalty` are 0 when not given.
+    Sums rather than means so that a caller can add the vectors of several micro-batches,
+    ranks and layers' shards and divide once (a mean of per-shard means or maxima is not the
+    statistic of the whole batch). ``eval_active_experts`` is what the deterministic (eval) path
+    would route for the same logits: the train/eval gap. ``kl`` and ``sparsity_penalty`` are 0
+    when not given. No host synchronisation: everything stays on the logits' device.
     """
     with torch.no_grad():
         num_tokens, num_experts = routing_map_TE.shape
@@ -338,45 +346,32 @@ def routing_statistics(
             if valid_T is None
             else valid_T.float()
         )
-        num_valid = weight_T.sum().clamp(min=1.0)
-        active_T = routing_map_TE.sum(dim=-1).float()
+        active_T = routing_map_TE.sum(dim=-1)
 
         if rule == "gate":  # training routes by the same deterministic rule as evaluation
-            eval_active_T = active_T
+            eval_active_T = active_T.float()
         else:
             eval_active_T = eval_active_count(result, route_threshold=route_threshold,
-                                              leak=leak, max_active=max_active)
+                                              leak=leak, max_active=max_active).float()
 
         zeros_T = torch.zeros_like(weight_T)
         per_token_TS = torch.stack(
             [
-                active_T,
+                torch.ones_like(weight_T),
+                active_T.float(),
                 result.gate_prob_TE.sum(dim=-1),
                 result.fallback_T.float(),
                 result.capped_T.float(),
                 zeros_T if kl_T is None else kl_T.detach().float(),
                 zeros_T if sparsity_T is None else sparsity_T.detach().float(),
-                eval_active_T.float(),
+                eval_active_T,
             ],
             dim=-1,
         )
-        means_S = (weight_T @ per_token_TS) / num_valid
-        load_E = routing_map_TE.float().sum(dim=0)
-        load_frac_E = load_E / load_E.sum().clamp(min=1.0)
-        simpson = (load_frac_E * load_frac_E).sum()
-        stats = torch.stack(
-            [
-                means_S[0],
-                (active_T * weight_T).max(),
-                means_S[1],
-                means_S[2],
-                means_S[3],
-                simpson,
-                1.0 / simpson.clamp(min=1e-12),
-                load_frac_E.max() * num_experts,
-                means_S[4],
-                means_S[5],
-                means_S[6],
-            ]
+        sums_S = weight_T @ per_token_TS
+        # scatter_add rather than bincount: bincount sizes its output from the data (a sync).
+        histogram_K = torch.zeros(num_experts + 1, device=weight_T.device).scatter_add_(
+            0, active_T.long(), weight_T
         )
-    return stats, load_E
+        load_E = routing_map_TE.float().sum(dim=0)
+    return torch.cat([sums_S, histogram_K]), load_E

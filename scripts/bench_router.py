@@ -33,7 +33,8 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def build_routers(num_experts: int, hidden: int, k: int, device: str):
+def build_routers(num_experts: int, hidden: int, k: int, device: str,
+                  dtype: torch.dtype = torch.float32):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_dirmoe.baselines import DeviceAgnosticTopKRouter
@@ -55,7 +56,9 @@ def build_routers(num_experts: int, hidden: int, k: int, device: str):
     dirmoe = DirichletRouter(dir_config, dirmoe_config=DirMoEConfig(target_k=k, schedule_iters=1000))
     for router in (topk, dirmoe):
         router.set_layer_number(1)
-        router.to(device)
+        # Weights in the hidden states' dtype, as Megatron's Float16Module holds them in a bf16
+        # run (both routers still compute their logits in fp32: --moe-router-dtype fp32).
+        router.to(device=device, dtype=dtype)
     dirmoe.set_iteration(500)
     return {"TopKRouter (softmax, aux loss)": topk, "DirichletRouter": dirmoe}
 
@@ -102,7 +105,7 @@ def main() -> None:
         torch.manual_seed(0)
         hidden = torch.randn(args.tokens, 1, args.hidden, device=device, dtype=dtype,
                              requires_grad=True)
-        routers = build_routers(num_experts, args.hidden, args.topk, device)
+        routers = build_routers(num_experts, args.hidden, args.topk, device, dtype)
         grad = torch.randn(args.tokens, num_experts, device=device)
         results = {label: time_fwd_bwd(r, hidden, grad, args.warmup, args.iters)
                    for label, r in routers.items()}

@@ -270,6 +270,65 @@ def check_resume_config(saved_args, args, where) -> None:
         )
 
 
+def _has_expert_optimizer(args) -> bool:
+    """Whether Megatron-Core 0.19 keeps the expert weights in an optimizer of their own: when
+    they use the expert process groups (`ColumnParallelLinear`'s ``use_expert_pgs``), i.e. with
+    expert parallelism or an expert TP size other than the TP size."""
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    etp = getattr(args, "expert_tensor_parallel_size", None) or tp
+    return (getattr(args, "expert_model_parallel_size", 1) or 1) > 1 or etp != tp
+
+
+def check_resume_layout(saved_args, args, where) -> None:
+    """Stop a GPU-path resume at a parallel layout whose optimizer state Megatron cannot load,
+    naming the flags, before Megatron fails deep inside its loader.
+
+    TP, PP, EP, ETP and DP may all change between a save and a resume (the model and the
+    optimizer state are stored per parameter, and Megatron reshards them), except:
+
+    * expert parallelism switched on or off (EP 1 <-> EP > 1, or ETP = TP <-> ETP != TP):
+      Megatron then keeps the expert weights in a separate optimizer or not, and its loader
+      cannot map one structure onto the other ("Could not find parameter group ...");
+    * TP or PP changed with ``--use-distributed-optimizer`` when the checkpoint was not saved
+      with ``--dist-ckpt-optim-fully-reshardable`` (its default format only reshards over DP).
+
+    ``--no-load-optim`` (fresh optimizer state) and ``--finetune`` skip the optimizer and pass.
+    """
+    if saved_args is None or getattr(args, "no_load_optim", False) or getattr(
+            args, "finetune", False) or getattr(saved_args, "no_save_optim", False):
+        return
+
+    def layout(a):
+        return (f"TP {getattr(a, 'tensor_model_parallel_size', 1)}, "
+                f"PP {getattr(a, 'pipeline_model_parallel_size', 1)}, "
+                f"EP {getattr(a, 'expert_model_parallel_size', 1)}, "
+                f"ETP {getattr(a, 'expert_tensor_parallel_size', None)}")
+
+    if _has_expert_optimizer(saved_args) != _has_expert_optimizer(args):
+        raise ValueError(
+            f"{where}: the checkpoint was saved at {layout(saved_args)} and this run is "
+            f"{layout(args)}: expert parallelism is switched "
+            f"{'off' if _has_expert_optimizer(saved_args) else 'on'}, and Megatron-Core "
+            "cannot load optimizer state across that change (it keeps expert weights in an "
+            "optimizer of their own only with --expert-model-parallel-size > 1 or "
+            "--expert-tensor-parallel-size != --tensor-model-parallel-size). Resume with "
+            "expert parallelism "
+            f"{'on' if _has_expert_optimizer(saved_args) else 'off'} (any other TP/PP/EP/DP "
+            "layout works), or pass --no-load-optim to load the model, schedules and data "
+            "position with a fresh optimizer state")
+    tp_pp = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+    changed = any(getattr(saved_args, n, 1) != getattr(args, n, 1) for n in tp_pp)
+    if (changed and getattr(args, "use_distributed_optimizer", False)
+            and getattr(saved_args, "use_distributed_optimizer", False)
+            and not getattr(saved_args, "dist_ckpt_optim_fully_reshardable", False)):
+        raise ValueError(
+            f"{where}: the checkpoint was saved at {layout(saved_args)} with "
+            "--use-distributed-optimizer in its default format, which can be resumed at "
+            f"another data-parallel size only, not at {layout(args)}. Save with "
+            "--dist-ckpt-optim-fully-reshardable to change TP/PP on resume, resume at the saved "
+            "TP and PP, or pass --no-load-optim")
+
+
 def read_checkpoint_args(root) -> Optional["argparse.Namespace"]:
     """The ``args`` saved in ``root``'s latest checkpoint (torch_dist format), or None when
     there is none or it cannot be read this way."""

@@ -213,7 +213,8 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     destroy_moe_metrics_tracker()
-    tracker = install_metrics_tracker()
+    tracker = install_metrics_tracker(
+        num_experts=args.num_experts if args.dirmoe_router == "dirichlet" else None)
 
     model = build_model_from_args(args).to(device)
     model.train()

@@ -17,7 +17,8 @@ import torch
 
 from megatron_dirmoe.training.loss import loss_func
 
-__all__ = ["model_provider", "forward_step", "get_batch", "loss_func", "pretrain_on_cuda"]
+__all__ = ["model_provider", "forward_step", "get_batch", "loss_func", "pretrain_on_cuda",
+           "check_resume"]
 
 _ROUTERS_BY_MODEL: dict[int, list] = {}
 
@@ -179,23 +180,38 @@ def pretrain_on_cuda(args: argparse.Namespace) -> None:
     from megatron_dirmoe.datasets import train_valid_test_datasets_provider
     from megatron_dirmoe.metrics import install_metrics_tracker
 
-    from megatron_dirmoe.training.checkpointing import (check_resume_config,
-                                                        read_checkpoint_args, read_tracker)
+    from megatron_dirmoe.training.checkpointing import read_tracker
 
-    # Before megatron.training loads the weights: a changed router config or schedule horizon
-    # would otherwise resume silently. (A release checkpoint starts a new run: nothing resumes.)
-    # --context-parallel-size > 1 is refused at start-up by megatron_dirmoe.layout.
+    # Before megatron.training loads the weights (a release checkpoint starts a new run: nothing
+    # resumes). --context-parallel-size > 1 is refused at start-up by megatron_dirmoe.layout.
     saved = read_tracker(args.load)
     if saved is not None and not saved[1]:
-        check_resume_config(read_checkpoint_args(args.load), args, args.load)
+        check_resume(args)
     _use_prebuilt_dataset_helpers()
     set_global_variables(args)
-    tracker = install_metrics_tracker()
+    # num_experts: pipeline stages without a DirMoE layer join the routing metrics' all-reduce.
+    tracker = install_metrics_tracker(
+        num_experts=args.num_experts if args.dirmoe_router == "dirichlet" else None)
     _log_throughput_at_realised_k(args, tracker)
     cfg = pretrain_cfg_container_from_args(args)
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=model_provider)
     _print_summary(args, tracker)
+
+
+def check_resume(args) -> None:
+    """What `pretrain_on_cuda` checks before megatron.training loads ``--load``: a changed
+    router config or schedule horizon would otherwise resume silently, and a layout whose
+    optimizer state Megatron cannot load would fail deep in its loader."""
+    from megatron_dirmoe.training.checkpointing import (
+        check_resume_config,
+        check_resume_layout,
+        read_checkpoint_args,
+    )
+
+    saved_args = read_checkpoint_args(args.load)
+    check_resume_config(saved_args, args, args.load)
+    check_resume_layout(saved_args, args, args.load)
 
 
 def _log_throughput_at_realised_k(args, tracker) -> None:

@@ -8,9 +8,10 @@ cannot do natively. None of that is about the maths we test, so this shim
 redirects each of those points to the CPU. It must never be imported by the
 package: it changes global torch state for the whole process.
 
-`megatron.training`'s data-loader setup, the pipeline schedules and the default causal mask also
-create tensors on a literal ``device="cuda"``; `cuda_device_to_cpu` (a torch function mode, used
-only around the code that needs it because it sees every torch call) sends those to the CPU.
+`megatron.training`'s data-loader setup, the pipeline schedules, the optimizer and the default
+causal mask also create tensors on a literal ``device="cuda"`` (and the optimizer checks for CUDA
+tensor types); `cuda_device_to_cpu` (a torch function mode, used only around the code that needs
+it because it sees every torch call) sends those to the CPU and names CPU types as CUDA ones.
 """
 
 from __future__ import annotations
@@ -163,6 +164,10 @@ class _CudaDeviceToCpu(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name == "cuda" and args and torch.is_tensor(args[0]):  # tensor.cuda(...)
             return args[0]
+        if name == "type" and len(args) == 1 and not kwargs and torch.is_tensor(args[0]):
+            # tensor.type(): Megatron's optimizer asserts CUDA types ('torch.cuda.FloatTensor')
+            # before its (fallback) kernels; the CPU tensor stands in for the CUDA one.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if _is_cuda(kwargs.get("device")):  # factories and tensor.to(device=...)
             kwargs = {**kwargs, "device": "cpu"}
         if name == "to" and len(args) > 1 and _is_cuda(args[1]):  # tensor.to("cuda", ...)

@@ -8,15 +8,22 @@ runs forward and backward, reduces gradients the way Megatron's DDP + ``finalize
 would, and sends its gradient shards to rank 0. Rank 0 assembles full tensors (checking that every
 element is covered and that replicas agree) and compares them with the reference.
 
+Data parallelism. Each data-parallel replica's router losses are those of its own micro-batch
+(the balance statistic is reduced over TP x CP only, as Megatron's default aux loss), so a layout
+with DP replicas equals one rank that runs the replicas' micro-batches one after another with
+gradient accumulation: the reference splits the batch into that many micro-batches (the DP
+replicas' slices, in rank order). Within a micro-batch, TP (sequence parallel) and EP must not
+change anything.
+
 Training-mode noise. DirMoE draws Gumbel and Dirichlet noise from the global RNG inside
-``routing.route``; under sequence/data parallelism each rank routes only its own tokens, so the
+``routing.route``; under sequence parallelism each rank routes only its own tokens, so the
 draws cannot coincide with a one-rank run. The harness therefore wraps ``route`` (test-only): in
-training mode it gathers the routing logits of all data/sequence shards into the single-rank token
-order, draws the noise for the full set from the global generator seeded by (layer, micro-batch),
-and keeps this rank's rows. The gather's backward returns this rank's slice (every rank
-recomputes the full routing, so no gradient has to travel). The reference goes through the same
-wrapper, so both see identical noise per token, and training mode is compared as tightly as eval
-mode. (With more than one token shard the router draws inside its own routing-noise stream,
+training mode it gathers the routing logits of a micro-batch's sequence shards into the
+single-rank token order, draws the noise for the whole micro-batch from the global generator
+seeded by (layer, global micro-batch index), and keeps this rank's rows. The gather's backward
+returns this rank's slice (every rank recomputes the full routing, so no gradient has to
+travel). The reference goes through the same wrapper, so both see identical noise per token, and
+training mode is compared as tightly as eval mode. (With more than one token shard the router draws inside its own routing-noise stream,
 `megatron_dirmoe.router.routing_noise_rng`; the wrapper reseeds inside that fork, so its seeding
 decides the draws.) That ranks routing different tokens really draw different noise is tested in
 `test_routing_noise.py`.
@@ -228,6 +235,12 @@ class _NoiseAligner:
         self.layer_of = {}
         self.calls = {}  # routing calls per layer since `reset` (one per micro-batch)
         self.single = False  # the reference: one rank's view, nothing to gather
+        self.per_rank = 1  # micro-batches per DP rank (global index = dp_rank x this + call)
+
+    def index(self, dp_rank: int, call: int) -> int:
+        """The micro-batch's place in the global batch (its noise seed): the DP ranks' slices
+        follow each other, `per_rank` micro-batches each."""
+        return dp_rank * self.per_rank + call
 
     def register(self, model) -> None:
         from megatron_dirmoe.router import iter_dirichlet_routers
@@ -250,35 +263,28 @@ class _NoiseAligner:
             return self.route(spike_TE, slab_TE, spike_bias_E, training=training, **kwargs)
         from megatron.core import parallel_state as ps
 
-        tp_group, dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
-        tp, dp = dist.get_world_size(tp_group), dist.get_world_size(dp_group)
-        dp_rank, tp_rank = dist.get_rank(dp_group), dist.get_rank(tp_group)
+        tp_group = ps.get_tensor_model_parallel_group()
+        tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        dp_rank = ps.get_data_parallel_rank()
         if self.single:
-            tp, dp, dp_rank, tp_rank = 1, 1, 0, 0
-        T_local, E = spike_TE.shape
-        seq_local = SEQ // tp  # rows are [s, b] flattened, sharded along s by SP
-        b_local = T_local // seq_local
+            tp, tp_rank, dp_rank = 1, 0, 0
+        T_local = spike_TE.shape[0]
 
+        # Rows are [s, b] flattened (s major) and SP shards s contiguously, so the micro-batch's
+        # rows are the TP shards' rows concatenated in rank order.
         def to_global(x):
-            # [s/tp * b/dp, E] -> (TP gather: contiguous s shards) -> (DP gather) -> [s * B, E]
-            x = _GatherRows.apply(x, tp_group) if tp > 1 else x
-            if dp > 1:
-                x = _GatherRows.apply(x, dp_group)
-                x = x.view(dp, SEQ, b_local, E).transpose(0, 1).reshape(SEQ * dp * b_local, E)
-            return x
+            return _GatherRows.apply(x, tp_group) if tp > 1 else x
 
         def to_local(x):
             if not torch.is_tensor(x) or x.dim() == 0:
                 return x
-            shape = x.shape[1:]
-            x = x.view(SEQ, dp, b_local, *shape)[:, dp_rank]
-            x = x[tp_rank * seq_local:(tp_rank + 1) * seq_local]
-            return x.reshape(T_local, *shape)
+            return x[tp_rank * T_local:(tp_rank + 1) * T_local]
 
         layer = self.layer_of[id(spike_bias_E)]
         call = self.calls[layer] = self.calls.get(layer, -1) + 1
+        index = self.index(dp_rank, call)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(NOISE_SEED + 1000 * call + layer)
+            torch.manual_seed(NOISE_SEED + 1000 * index + layer)
             full = self.route(to_global(spike_TE), to_global(slab_TE), spike_bias_E,
                               training=training, **kwargs)
         return dataclasses.replace(
@@ -364,20 +370,20 @@ def _finalize_grads(model, tp: int) -> None:
             dist.all_reduce(p.grad, group=ps.get_expert_data_parallel_group())
 
 
-def _step(model, case: Case, single: bool = False) -> Optional[float]:
+def _step(model, case: Case, single: bool = False, microbatches: int = 1) -> Optional[float]:
     """Forward + backward of this rank's DP slice of the batch in `case.microbatches`
     micro-batches, driving the pipeline stages by hand (GPipe order: the first stage runs every
     forward before any backward, so several micro-batches are in flight); returns the mean loss
     over the whole batch on the last stage. `single`: the reference, the whole batch on this rank
-    alone (the parallel state has all model-parallel sizes 1 but DP = world size, which the
-    reference must ignore)."""
+    alone in `microbatches` micro-batches (the parallel state has all model-parallel sizes 1 but
+    DP = world size, which the reference must ignore)."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    if single:
-        dp, dp_rank = 1, 0
     m = case.microbatches
+    if single:
+        dp, dp_rank, m = 1, 0, microbatches
     if m > 1 and dp > 1:
         raise ValueError("micro-batches > 1 only with DP = 1 (the reference splits the batch)")
     tokens, labels, padding = _batch()
@@ -449,8 +455,13 @@ def _init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1) -> None:
     )
 
 
+def _data_parallel_size(case: Case) -> int:
+    return dist.get_world_size() // (case.tp * case.pp)
+
+
 def _reference(case: Case, aligner: _NoiseAligner) -> dict:
-    """Single-rank loss, weights and gradients (computed redundantly on every rank)."""
+    """Single-rank loss, weights and gradients (computed redundantly on every rank): the batch
+    in one micro-batch per DP replica of `case` (times its own micro-batches)."""
     _init_parallel()
     torch.manual_seed(SEED)
     model = _build(dataclasses.replace(case, dispatcher="allgather"), 1, 1, 1)
@@ -467,7 +478,8 @@ def _reference(case: Case, aligner: _NoiseAligner) -> dict:
              for r in iter_dirichlet_routers(model)]
     try:
         with aligner:
-            loss = _step(model, case, single=True)
+            loss = _step(model, case, single=True,
+                         microbatches=case.microbatches * _data_parallel_size(case))
     finally:
         aligner.single = False
         for hook in hooks:
@@ -488,7 +500,7 @@ def run_cases(rank: int, world_size: int, cases: list) -> dict:
     results, refs = {}, {}
     for case in cases:
         ref_key = (case.num_experts, case.training, case.forced, case.padding, case.num_layers,
-                   case.microbatches)
+                   case.microbatches * _data_parallel_size(case))
         if ref_key not in refs:
             refs[ref_key] = _reference(case, aligner)
         ref = refs[ref_key]
@@ -499,6 +511,7 @@ def run_cases(rank: int, world_size: int, cases: list) -> dict:
         _load_full(model, ref["weights"])
         aligner.register(model)
         aligner.reset()
+        aligner.per_rank = case.microbatches
         with aligner:
             loss = _step(model, case)
         get_moe_metrics_tracker().clear()

@@ -77,10 +77,13 @@ def test_short_comparison_end_to_end(compare, tmp_path):
     rows = {r["router"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert set(rows) == {"dirmoe-k2", "softmax-top1"}
     assert rows["softmax-top1"]["eval_active"] == 1.0  # TopK routes exactly k on held-out data
-    assert 1.0 <= rows["dirmoe-k2"]["eval_active"] <= 8.0
+    # Three steps from initialisation, where DirMoE routes as top-k: k = 2 on held-out data
+    # (2.0 measured), and neither router has collapsed onto a few of the 8 experts (5.3 and 5.1
+    # effective experts measured).
+    assert rows["dirmoe-k2"]["eval_active"] == pytest.approx(2.0, rel=0.1)
     for row in rows.values():
         assert math.isfinite(row["heldout_loss"]) and 5.0 < row["heldout_loss"] < 9.0
-        assert 1.0 <= row["effective_experts"] <= 8.0
+        assert row["effective_experts"] >= 4.0
     record = json.loads((work / "records" / "dirmoe-k2_seed7.json").read_text())
     assert [h["iteration"] for h in record["history"]] == [1, 2, 3]
     assert len(record["history"][0]["dirmoe/active_experts"]) == 4  # one value per MoE layer

@@ -21,13 +21,14 @@ def _pattern_batch(gen: torch.Generator) -> torch.Tensor:
 
 
 def _train(model, steps=STEPS, lr=3e-3, attention_mask=None):
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+    from megatron_dirmoe.metrics import install_metrics_tracker
     from megatron_dirmoe.router import set_router_iteration
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    get_moe_metrics_tracker().clear()
+    tracker = install_metrics_tracker()
+    tracker.clear()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(0)
     position_ids = torch.arange(SEQ)[None].expand(BATCH, -1)
@@ -40,9 +41,8 @@ def _train(model, steps=STEPS, lr=3e-3, attention_mask=None):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        tracker = get_moe_metrics_tracker()
-        metrics.append({k: v.values.clone() for k, v in tracker.metrics.items()})
-        tracker.clear()
+        tracker.report(loss_scale=1.0, iteration=step + 1, num_layers=model.config.num_layers)
+        metrics.append(dict(tracker.last_per_layer))
     return losses, metrics
 
 
@@ -80,14 +80,23 @@ def test_dirmoe_gpt_trains_on_cpu(megatron_single_rank):
         assert weight_grad[:8].abs().sum() > 0 and weight_grad[8:].abs().sum() > 0
         assert bias_grad.abs().sum() > 0
 
+    # The routing maps the routers hand to the dispatcher, per layer, for the metrics check.
+    maps = {id(r): [] for r in routers}
+    hooks = [r.register_forward_hook(lambda m, i, out: maps[id(m)].append(out[1].clone()))
+             for r in routers]
     losses, metrics = _train(model)
+    for hook in hooks:
+        hook.remove()
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, (first, last)
-    # Per-layer routing metrics were recorded for both MoE layers every step.
-    for step_metrics in metrics:
-        active = step_metrics["dirmoe/active_experts"]
-        assert active.shape == (2,) and (active >= 1).all() and (active <= 4).all()
+    # Every step's reported metrics are those of the tokens the routers routed in that step.
+    for step, step_metrics in enumerate(metrics):
+        routed = [maps[id(r)][step] for r in routers]
+        active = torch.stack([m.sum(-1).float().mean() for m in routed])
+        torch.testing.assert_close(step_metrics["dirmoe/active_experts"], active)
+        top = torch.stack([m.sum(-1).max().float() for m in routed])
+        torch.testing.assert_close(step_metrics["dirmoe/active_experts_max"], top)
     assert metrics[0]["dirmoe/tau"][0].item() == pytest.approx(2.0)
     assert metrics[-1]["dirmoe/tau"][0].item() < 0.35
 

@@ -144,38 +144,53 @@ def test_padding_adds_no_load_and_no_loss(router_factory):
         torch.testing.assert_close(a, b)
 
 
-def test_metrics_reach_megatrons_tracker(router_factory):
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+def test_reported_metrics_are_those_of_all_tokens_of_the_step(router_factory):
+    """Two micro-batches of one layer: every metric is that of their tokens together, computed
+    here from the routing maps the router returned (a true maximum, effective experts and max
+    load from the summed load), and reaches the report's console text."""
+    from megatron_dirmoe.metrics import install_metrics_tracker
 
-    from megatron_dirmoe.router import METRIC_NAMES
-
+    tracker = install_metrics_tracker()
+    tracker.clear()
     router = router_factory(target_k=2)
     router.set_iteration(50)
-    router(torch.randn(16, 2, H))
-    metrics = get_moe_metrics_tracker().metrics
-    assert set(METRIC_NAMES) <= set(metrics)
-    value = {name: metrics[name].values[0].item() for name in METRIC_NAMES}
-    assert value["dirmoe/tau"] == pytest.approx(router.temperature) == pytest.approx(1.15)
-    assert value["dirmoe/prior_scale"] == pytest.approx(0.4)
-    assert 1 <= value["dirmoe/active_experts"] <= value["dirmoe/active_experts_max"] <= 8
-    assert 1 <= value["dirmoe/effective_experts"] <= 8
-    assert value["dirmoe/load_simpson"] == pytest.approx(1 / value["dirmoe/effective_experts"])
-    assert value["dirmoe/kl"] > 0 and value["dirmoe/sparsity_penalty"] >= 0
-    get_moe_metrics_tracker().clear()
+    torch.manual_seed(1)
+    maps = [router(torch.randn(16, 2, H) * scale)[1] for scale in (0.1, 30.0)]
+    text = tracker.report(loss_scale=0.5, iteration=1, num_layers=2, track_names=[])
+    got = {name: values[0].item() for name, values in tracker.last_per_layer.items()}
+
+    counts = [m.sum(-1).float() for m in maps]
+    # The micro-batches differ, so a mean of per-micro-batch values would read otherwise.
+    assert counts[0].max() != counts[1].max()
+    routing_map = torch.cat(maps)
+    count, load = routing_map.sum(-1).float(), routing_map.sum(0).float()
+    share = load / load.sum()
+    assert got["dirmoe/active_experts"] == pytest.approx(count.mean().item())
+    assert got["dirmoe/active_experts_max"] == count.max().item()
+    assert got["dirmoe/load_simpson"] == pytest.approx((share * share).sum().item())
+    assert got["dirmoe/effective_experts"] == pytest.approx(1 / (share * share).sum().item())
+    assert got["dirmoe/max_load"] == pytest.approx(share.max().item() * E)
+    assert got["dirmoe/tau"] == pytest.approx(router.temperature) == pytest.approx(1.15)
+    assert got["dirmoe/prior_scale"] == pytest.approx(0.4)
+    assert got["dirmoe/kl"] > 0 and got["dirmoe/balance_penalty"] > 0
+    assert f"dirmoe/active_experts_max: {count.max().item():.2f} |" in text
+    assert f"dirmoe/effective_experts: {1 / (share * share).sum().item():.2f} |" in text
+    # Reported and cleared: the next report has nothing to say.
+    assert tracker.report(loss_scale=1.0, iteration=2, num_layers=2, track_names=[]) == ""
 
 
 def test_metrics_and_load_count_only_the_forward_that_builds_the_graph(router_factory):
     """Activation recompute runs the router once without grad and again with grad; evaluation
     runs it without grad. Only the graph-building forward is recorded, so a no-grad forward
     followed by a grad forward records exactly what the grad forward alone records."""
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron_dirmoe.metrics import install_metrics_tracker
 
-    tracker = get_moe_metrics_tracker()
+    tracker = install_metrics_tracker()
     hidden = torch.randn(16, 2, H)
 
     def recorded(router):
-        values = {name: m.values.clone() for name, m in tracker.metrics.items()
-                  if name.startswith("dirmoe/")}
+        sums = tracker.routing_sums
+        values = torch.zeros(1) if sums is None else sums.clone()
         tracker.clear()
         return values, router.pop_expert_load()
 
@@ -185,24 +200,22 @@ def test_metrics_and_load_count_only_the_forward_that_builds_the_graph(router_fa
     torch.manual_seed(3)
     router(hidden)
     alone, alone_load = recorded(router)
-    assert alone and alone_load.sum() > 0
+    assert alone.abs().sum() > 0 and alone_load.sum() > 0
 
     with torch.no_grad():
         router(hidden)  # the first pass of a recomputed layer
     nothing, no_load = recorded(router)
-    assert all(v.abs().sum() == 0 for v in nothing.values()) and no_load.sum() == 0
+    assert nothing.abs().sum() == 0 and no_load.sum() == 0
     torch.manual_seed(3)
     router(hidden)  # the re-forward, with grad
     again, again_load = recorded(router)
-    assert set(again) == set(alone)
-    for name in alone:
-        torch.testing.assert_close(again[name], alone[name])
+    torch.testing.assert_close(again, alone)
     torch.testing.assert_close(again_load, alone_load)
 
     router.eval()
     router(hidden)
     evaluated, eval_load = recorded(router)
-    assert all(v.abs().sum() == 0 for v in evaluated.values()) and eval_load.sum() == 0
+    assert evaluated.abs().sum() == 0 and eval_load.sum() == 0
 
 
 def test_schedule_follows_iteration(router_factory):

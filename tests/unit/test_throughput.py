@@ -93,6 +93,21 @@ def test_matches_megatron_estimate_at_fixed_k_plus_router():
     assert ours - router == pytest.approx(megatron, rel=1e-12)
 
 
+def _row(experts_per_token: int, num_experts: int = 4) -> "torch.Tensor":
+    """A router's metrics row for one token routed to `experts_per_token` experts."""
+    import torch
+
+    from megatron_dirmoe.metrics import routing_row_width
+    from megatron_dirmoe.routing import STAT_SUMS
+
+    row = torch.zeros(routing_row_width(num_experts), dtype=torch.float64)
+    row[STAT_SUMS.index("tokens")] = 1
+    row[STAT_SUMS.index("active_experts")] = experts_per_token
+    row[len(STAT_SUMS) + experts_per_token] = 1  # the histogram of experts per token
+    row[len(STAT_SUMS) + num_experts + 1:][:experts_per_token] = 1  # the experts' loads
+    return row
+
+
 def test_gpu_path_tracker_appends_throughput_on_log_iterations(megatron_single_rank):
     """The tracker `megatron.training` reports through every iteration adds the realised-k
     throughput to the log line of each logging iteration (as `training/gpu.py` sets it up)."""
@@ -114,7 +129,7 @@ def test_gpu_path_tracker_appends_throughput_on_log_iterations(megatron_single_r
     lines = []
     for iteration, counts in ((1, (1.0, 2.0)), (2, (2.0, 3.0))):
         for layer, value in zip((1, 2), counts):
-            tracker.record("dirmoe/active_experts", torch.tensor(value), layer, 2)
+            tracker.record_routing(_row(int(value)), layer, 2, num_experts=4)
         lines.append(tracker.report(loss_scale=1.0, iteration=iteration, writer=writer,
                                     num_layers=2, moe_layer_freq=1, force_initialize=True,
                                     track_names=[]))
