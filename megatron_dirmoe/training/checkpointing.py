@@ -183,9 +183,12 @@ def load_cpu_checkpoint(root, model, optimizer=None, scheduler=None, *, iteratio
         try:
             scheduler.load_state_dict(common["opt_param_scheduler"])
         except AssertionError as err:  # Megatron asserts that the LR schedule is unchanged
-            raise ValueError(
+            from megatron_dirmoe.errors import UserError
+
+            raise UserError(
                 f"checkpoint {directory}: the learning-rate schedule differs from the saved one "
-                f"({err}). Resume with the same --train-iters / --lr* / warm-up flags, or pass "
+                f"({err})",
+                "resume with the same --train-iters / --lr* / warm-up flags, or pass "
                 "--override-opt_param-scheduler to take the new schedule"
             ) from None
     if load_rng and "rng_state" in common:
@@ -233,26 +236,11 @@ def check_resume_config(saved_args, args, where) -> None:
         return  # TopK baselines have no DirMoE state to protect
     changes = dirmoe_config_changes(saved, current)
     if changes:
-        raise ValueError(
-            f"{where}: the DirMoE router settings differ from the checkpoint's: "
-            f"{'; '.join(changes)} (--dirmoe-schedule-iters defaults to --train-iters). Resume "
-            "with the checkpoint's values, or pass --dirmoe-allow-config-change to continue "
-            "with the new ones"
+        from megatron_dirmoe.errors import UserError
+
+        raise UserError(
+            f"--load {where}: the DirMoE router settings differ from the checkpoint's: "
+            f"{'; '.join(changes)} (--dirmoe-schedule-iters defaults to --train-iters)",
+            "resume with the checkpoint's values, or pass --dirmoe-allow-config-change to "
+            "continue with the new ones"
         )
-
-
-def read_checkpoint_args(root) -> Optional["argparse.Namespace"]:
-    """The ``args`` saved in ``root``'s latest checkpoint (torch_dist format), or None when
-    there is none or it cannot be read this way."""
-    from megatron.core import dist_checkpointing
-
-    iteration = latest_iteration(root) if root is not None else None
-    if iteration is None:
-        return None
-    directory = checkpoint_dir(root, iteration)
-    try:
-        with _cpu_device_without_cuda():
-            return dist_checkpointing.load_common_state_dict(str(directory)).get("args")
-    except Exception:  # e.g. a legacy (non-distributed) checkpoint: Megatron checks it itself
-        return None
-

@@ -162,7 +162,6 @@ def _use_prebuilt_dataset_helpers() -> None:
 def pretrain_on_cuda(args: argparse.Namespace) -> None:
     from megatron.core.enums import ModelType
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
-    from megatron.training.global_vars import set_global_variables
     from megatron.training.training import pretrain
 
     from megatron_dirmoe.datasets import train_valid_test_datasets_provider
@@ -170,13 +169,14 @@ def pretrain_on_cuda(args: argparse.Namespace) -> None:
 
     if args.context_parallel_size > 1:
         raise ValueError("--context-parallel-size > 1 is not supported by the DirMoE launcher yet")
-    from megatron_dirmoe.training.checkpointing import check_resume_config, read_checkpoint_args
+    from megatron_dirmoe.training.inputs import set_megatron_globals
+    from megatron_dirmoe.training.resume import check_resume
 
-    # Before megatron.training loads the weights: a changed router config or schedule horizon
-    # would otherwise resume silently.
-    check_resume_config(read_checkpoint_args(args.load), args, args.load)
     _use_prebuilt_dataset_helpers()
-    set_global_variables(args)
+    set_megatron_globals(args)  # builds the tokenizer (padded vocabulary) first
+    # Before megatron.training loads the weights: a damaged checkpoint, another model, or a
+    # changed router config / schedule horizon stops here, naming the file or the flags.
+    check_resume(args)
     tracker = install_metrics_tracker()
     _log_throughput_at_realised_k(args, tracker)
     cfg = pretrain_cfg_container_from_args(args)
