@@ -269,12 +269,11 @@ def checkpoint_problems(directory: os.PathLike | str) -> list[str]:
 
 
 def _newest_intact(root: Path, below: Optional[int]) -> Optional[tuple[int, Path]]:
-    for iteration in sorted(iteration_dirs(root), reverse=True):
-        if below is not None and iteration >= below:
-            continue
-        directory = iteration_dirs(root)[iteration]
-        if not checkpoint_problems(directory):
-            return iteration, directory
+    """The newest checkpoint under `root` older than iteration `below` with no problems."""
+    found = iteration_dirs(root)
+    for iteration in sorted(found, reverse=True):
+        if (below is None or iteration < below) and not checkpoint_problems(found[iteration]):
+            return iteration, found[iteration]
     return None
 
 
