@@ -62,10 +62,32 @@ def build_gpt_datasets(args: argparse.Namespace, tokenizer, sizes: Sequence[int]
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
-    config = gpt_dataset_config_from_args(args, tokenizer,
-                                          create_attention_mask=create_attention_mask)
-    cls = MockGPTDataset if args.mock_data else GPTDataset
-    return BlendedMegatronDatasetBuilder(cls, list(sizes), is_built_on_rank, config).build()
+    from megatron_dirmoe.errors import raised_under, restate
+
+    # Missing files are found at start-up (training/inputs.py); what is left is a file Megatron
+    # cannot read (a damaged or foreign .idx/.bin, a bad --split): name the data flags.
+    with restate(f"reading the training data ({_data_flags_text(args)})",
+                 "check that every prefix is a .bin/.idx pair written by dirmoe-preprocess (or "
+                 "Megatron's preprocess_data.py) and not cut short; preprocess it again if not",
+                 catch=(AssertionError, ValueError, OSError, EOFError, IndexError),
+                 raised_in=raised_under("/megatron/core/datasets/", "/numpy/")):
+        config = gpt_dataset_config_from_args(args, tokenizer,
+                                              create_attention_mask=create_attention_mask)
+        cls = MockGPTDataset if args.mock_data else GPTDataset
+        return BlendedMegatronDatasetBuilder(cls, list(sizes), is_built_on_rank, config).build()
+
+
+def _data_flags_text(args: argparse.Namespace) -> str:
+    if getattr(args, "dirmoe_embedded_corpus", False):
+        return "the shipped corpus, tokenised under --dirmoe-data-cache / <--save>/data"
+    parts = []
+    for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path",
+                 "data_args_path", "per_split_data_args_path", "split"):
+        value = getattr(args, name, None)
+        if value and not (name == "split" and not getattr(args, "data_path", None)):
+            text = " ".join(value) if isinstance(value, (list, tuple)) else str(value)
+            parts.append(f"--{name.replace('_', '-')} {text}")
+    return "; ".join(parts) or "--mock-data"
 
 
 def _mtp_on_this_stage(args: argparse.Namespace, vp_stage=None) -> bool:

@@ -37,17 +37,20 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from megatron_dirmoe.config import DirMoEConfig, dirmoe_config_from_args, flag_name
+from megatron_dirmoe.errors import UserError
 
 __all__ = ["Layout", "LayoutError", "check_layout", "validate_layout", "megatron_topk_for",
-           "moe_layer_numbers", "VARIABLE_K_DISPATCHERS"]
+           "moe_layer_numbers", "implied_world_size", "VARIABLE_K_DISPATCHERS"]
 
 
-class LayoutError(ValueError):
-    """A parallel layout or batch size Megatron or DirMoE cannot run."""
+class LayoutError(UserError):
+    """A parallel layout or batch size Megatron or DirMoE cannot run (a `ValueError`; the
+    training entry shows it as a user error)."""
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,20 @@ def check_layout(args: Any, world_size: int) -> Layout:
         num_experts=num_experts, micro_batch_size=mbs, global_batch_size=gbs,
         num_microbatches=gbs // (mbs * dp), seq_length=seq,
     )
+
+
+def implied_world_size(args: Any) -> int:
+    """The smallest world size the parallel flags of ``args`` fit: both grids must tile it,
+    TP x PP x CP (dense) and ETP x EP x PP (experts), so lcm of the two. The CPU trial run checks
+    its flags as for this many ranks."""
+    def size(name: str, default: int = 1) -> int:
+        value = getattr(args, name, None)
+        return value if isinstance(value, int) and value >= 1 else default
+
+    tp, pp, cp = (size("tensor_model_parallel_size"), size("pipeline_model_parallel_size"),
+                  size("context_parallel_size"))
+    ep, etp = size("expert_model_parallel_size"), size("expert_tensor_parallel_size", tp)
+    return math.lcm(tp * pp * cp, etp * ep * pp)
 
 
 def moe_layer_numbers(moe_layer_freq: Any, num_layers: int) -> list[int]:

@@ -31,9 +31,11 @@ def main(argv: Optional[Sequence[str]] = None):
     startup_noise.install()  # before Megatron is imported: its TE/apex warnings -> one line
 
     from megatron_dirmoe.training.arguments import parse_pretrain_args
+    from megatron_dirmoe.training.inputs import check_input_files, set_megatron_globals
 
     args = parse_pretrain_args(argv)
     _check_wandb(args)
+    check_input_files(args)  # data, tokenizer and output paths: one message naming each
     if args.dirmoe_use_cuda:
         from megatron_dirmoe.training.gpu import pretrain_on_cuda
         from megatron_dirmoe.training.world import single_process_rendezvous
@@ -45,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None):
                   "--nproc-per-node N for N GPUs", flush=True)
         return pretrain_on_cuda(args)
 
-    from megatron.training.global_vars import set_global_variables, unset_global_variables
+    from megatron.training.global_vars import unset_global_variables
 
     from megatron_dirmoe.training.cpu_loop import train_on_cpu
 
@@ -53,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None):
     # one_logger tracks megatron.training's own loop; the CPU loop reports nothing to it (and
     # Megatron prints a warning on every start when the NVIDIA-internal package is missing).
     args.enable_one_logger = False
-    set_global_variables(args)
+    set_megatron_globals(args)
     return train_on_cpu(args)
 
 
@@ -71,10 +73,13 @@ def _check_wandb(args) -> None:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Console-script entry (``dirmoe-pretrain``): exit status 0 on success. `main` returns the
-    CPU loop's `TrainResult`, which ``sys.exit`` would print and turn into status 1."""
-    main(sys.argv[1:] if argv is None else argv)
-    return 0
+    """Console-script entry (``dirmoe-pretrain``): exit status 0 on success (`main` returns the
+    CPU loop's `TrainResult`, which ``sys.exit`` would print and turn into status 1), 2 with one
+    message naming the flag or file for a user error (`megatron_dirmoe.errors`: no traceback
+    unless ``DIRMOE_DEBUG=1``); a bug keeps its traceback."""
+    from megatron_dirmoe.errors import run_console
+
+    return run_console(main, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_dirmoe.config import add_dirmoe_args, dirmoe_config_from_args
-from megatron_dirmoe.layout import check_layout, megatron_topk_for
+from megatron_dirmoe.errors import (
+    UserError,
+    debug_requested,
+    flag_table,
+    format_user_error,
+    restate_megatron_check,
+)
+from megatron_dirmoe.layout import LayoutError, check_layout, implied_world_size, megatron_topk_for
 
 __all__ = [
     "PAPER_DEFAULTS",
@@ -118,11 +127,46 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+class _PretrainParser(argparse.ArgumentParser):
+    """Megatron's usage text is ~70,000 characters: a bad flag gets one message (with the
+    closest flag names for a misspelt one) in the form of every other user error, not the
+    usage. Exit status 2 as argparse's."""
+
+    def error(self, message: str):
+        fix = None  # the project's own checks say what to change in the message
+        if re.match(r"argument |the following arguments|unrecognized|ambiguous", message):
+            fix = "dirmoe-pretrain --help lists every flag"
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            hints = []
+            for token in unknown.group(1).split():
+                if token.startswith("--"):
+                    name = token.split("=", 1)[0]
+                    close = difflib.get_close_matches(name, list(self._option_string_actions),
+                                                      n=1)
+                    if close:
+                        hints.append((name, close[0]))
+            if len(hints) == 1:
+                fix = f"did you mean {hints[0][1]}?"
+            elif hints:
+                fix = "did you mean " + ", ".join(f"{b} (for {a})" for a, b in hints) + "?"
+        self.fail(message, fix)
+
+    def fail(self, message: str, fix: Optional[str] = None):
+        """Stop with one user-error message (status 2, as `error`)."""
+        error = UserError(message, fix)
+        if debug_requested():
+            raise error
+        sys.stdout.flush()
+        print(format_user_error(error), file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Megatron-LM's argument parser extended with the DirMoE flags."""
     from megatron.training.arguments import add_megatron_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = _PretrainParser(
         prog="python -m megatron_dirmoe.pretrain",
         description="Pretrain a Megatron-Core GPT with DirMoE routers (Megatron-LM arguments "
                     "plus --dirmoe-* flags)",
@@ -192,6 +236,8 @@ def parse_pretrain_args(
             check_device_for_world(pre.dirmoe_device, use_cuda, args.world_size)
         except LaunchError as exc:
             parser.error(str(exc))
+    if pre.preset is not None:
+        _preset_directories(args, parser, pre.preset, given)
 
     if args.train_iters is None:
         parser.error("--train-iters is required (the DirMoE schedules are defined over it)")
@@ -209,7 +255,20 @@ def parse_pretrain_args(
         args.moe_router_topk = megatron_topk_for(cfg, args.num_experts)
 
     if not use_cuda:
-        _cpu_overrides(args, given)
+        # The CPU loop trains at one rank; the parallel flags are checked first as for the world
+        # size they imply, by the rules `launch check` applies, so the CPU trial fails the way
+        # the cluster job would.
+        trial_world = implied_world_size(args)
+        try:
+            check_layout(args, trial_world)
+        except LayoutError as exc:
+            parser.fail(f"{exc} (the CPU trial run checks the parallel flags as for "
+                        f"{trial_world} {'rank' if trial_world == 1 else 'ranks'}, the world "
+                        "size they imply, as the cluster job would)",
+                        "change the flags named above; `python -m megatron_dirmoe.launch check "
+                        f"--world-size {trial_world} -- <flags>` applies the same rules in a "
+                        "second")
+        _cpu_overrides(args, given, trial_world)
     elif (this_machine and args.transformer_impl == "transformer_engine"
           and not _te_available()):
         if args.rank == 0:
@@ -236,8 +295,14 @@ def parse_pretrain_args(
 
         # Megatron prints every argument; keep that on clusters, not on a CPU try-out.
         quiet = contextlib.redirect_stdout(io.StringIO()) if not use_cuda else contextlib.nullcontext()
-        with quiet:
-            validate_args(args, {})
+        try:
+            with quiet:
+                validate_args(args, {})
+        except (AssertionError, ValueError) as exc:  # Megatron's checks of user input
+            if isinstance(exc, UserError):
+                raise
+            raise restate_megatron_check(exc, args, flag_table(parser._actions),
+                                         "megatron.training.arguments.validate_args") from exc
     return args
 
 
@@ -262,6 +327,33 @@ def startup_checks(args: argparse.Namespace) -> None:
             raise ValueError(f"--spec {' '.join(args.spec)}: cannot import it ({exc})") from exc
 
 
+def _preset_directories(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                        preset: str, given: set[str]) -> None:
+    """A preset's default ``--save``/``--load`` holds the preset's own model; a preset whose
+    model-defining flags are changed gets its own directory (``runs/dirmoe_tiny-num-experts-6``),
+    so the changed model never resumes from the preset's checkpoint. ``--save`` alone also sets
+    ``--load`` (the run resumes where it saves)."""
+    from megatron_dirmoe.training.resume import preset_changes, preset_directory
+
+    defaults = PRESETS[preset]
+    if "--save" in given and "--load" not in given and args.load == defaults.get("load"):
+        args.load = args.save
+    if ("--save" in given or args.save != defaults.get("save")) and \
+            ("--load" in given or args.load != defaults.get("load")):
+        return
+    changed = preset_changes(args, parser.get_default)
+    if not changed:
+        return
+    directory = preset_directory(defaults["save"], changed)
+    for name in ("save", "load"):
+        if f"--{name}" not in given and getattr(args, name) == defaults.get(name):
+            setattr(args, name, directory)
+    if args.rank == 0:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name, _ in changed)
+        print(f"[dirmoe] --preset {preset} with {flags} changed: checkpoints in {directory} "
+              f"({defaults['save']} holds the preset's own model)", flush=True)
+
+
 def _module_available(name: str) -> bool:
     import importlib.util
 
@@ -276,7 +368,7 @@ def _te_available() -> bool:
     return True
 
 
-def _cpu_overrides(args: argparse.Namespace, given: set[str]) -> None:
+def _cpu_overrides(args: argparse.Namespace, given: set[str], trial_world: int = 1) -> None:
     """What the CPU loop supports: one process, fp32, the allgather dispatcher, local specs."""
     notes = []
     if args.bf16 or args.fp16:
@@ -303,18 +395,38 @@ def _cpu_overrides(args: argparse.Namespace, given: set[str]) -> None:
         if hasattr(args, name):
             setattr(args, name, False)
     if notes and args.rank == 0:
-        print("[dirmoe] no GPU: CPU loop with " + "; ".join(notes), flush=True)
+        if trial_world > 1:
+            head = (f"[dirmoe] no GPU: parallel flags checked as for {trial_world} ranks (the "
+                    f"rules of `launch check --world-size {trial_world}`), run by the CPU loop "
+                    "at one rank: ")
+        else:
+            head = "[dirmoe] no GPU: CPU loop with "
+        print(head + "; ".join(notes), flush=True)
 
 
 def _use_embedded_corpus(args: argparse.Namespace, given: set[str]) -> None:
     """Point the data and tokenizer arguments at the shipped corpus (tokenised once, cached)."""
     from megatron_dirmoe.data import prepare_embedded_corpus
+    from megatron_dirmoe.training.inputs import output_dir_problem
 
-    cache = args.dirmoe_data_cache
+    cache, flag = args.dirmoe_data_cache, "--dirmoe-data-cache"
     if cache is None:
-        cache = (Path(args.save) / "data" if args.save
-                 else Path.home() / ".cache" / "megatron_dirmoe" / "data")
-    info = prepare_embedded_corpus(cache)
+        cache, flag = ((Path(args.save) / "data", "--save") if args.save
+                       else (Path.home() / ".cache" / "megatron_dirmoe" / "data", flag))
+    problem = output_dir_problem(flag, args.save if flag == "--save" else cache)
+    if problem:
+        raise UserError(f"{problem[0]} (the shipped corpus is tokenised into {cache})",
+                        problem[1])
+    # A tokenizer given with the shipped corpus tokenises it (token ids must be the model's).
+    own_tokenizer = "--tokenizer-model" in given and args.tokenizer_model
+    if own_tokenizer and not Path(args.tokenizer_model).exists():
+        raise UserError(f"--tokenizer-model {args.tokenizer_model}: no such file (it would "
+                        "tokenise the shipped corpus, as no data flag is given)",
+                        "pass an existing SentencePiece .model file or Hugging Face tokenizer "
+                        "directory, or drop --tokenizer-type/--tokenizer-model to use the "
+                        "shipped tokenizer")
+    info = prepare_embedded_corpus(cache, tokenizer_model=args.tokenizer_model
+                                   if own_tokenizer else None)
     args.train_data_path = [info.train_prefix]
     args.valid_data_path = [info.valid_prefix]
     args.test_data_path = [info.test_prefix]

@@ -212,9 +212,12 @@ def load_cpu_checkpoint(root, model, optimizer=None, scheduler=None, *, iteratio
         try:
             scheduler.load_state_dict(common["opt_param_scheduler"])
         except AssertionError as err:  # Megatron asserts that the LR schedule is unchanged
-            raise ValueError(
+            from megatron_dirmoe.errors import UserError
+
+            raise UserError(
                 f"checkpoint {directory}: the learning-rate schedule differs from the saved one "
-                f"({err}). Resume with the same --train-iters / --lr* / warm-up flags, or pass "
+                f"({err})",
+                "resume with the same --train-iters / --lr* / warm-up flags, or pass "
                 "--override-opt_param-scheduler to take the new schedule"
             ) from None
     if load_rng and "rng_state" in common:
@@ -262,11 +265,13 @@ def check_resume_config(saved_args, args, where) -> None:
         return  # TopK baselines have no DirMoE state to protect
     changes = dirmoe_config_changes(saved, current)
     if changes:
-        raise ValueError(
-            f"{where}: the DirMoE router settings differ from the checkpoint's: "
-            f"{'; '.join(changes)} (--dirmoe-schedule-iters defaults to --train-iters). Resume "
-            "with the checkpoint's values, or pass --dirmoe-allow-config-change to continue "
-            "with the new ones"
+        from megatron_dirmoe.errors import UserError
+
+        raise UserError(
+            f"--load {where}: the DirMoE router settings differ from the checkpoint's: "
+            f"{'; '.join(changes)} (--dirmoe-schedule-iters defaults to --train-iters)",
+            "resume with the checkpoint's values, or pass --dirmoe-allow-config-change to "
+            "continue with the new ones"
         )
 
 

@@ -180,6 +180,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     router comparison uses so every router trains in one identical loop)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+    from torch.distributed.checkpoint.api import CheckpointException
     from megatron.training.global_vars import get_tensorboard_writer, get_tokenizer, get_wandb_writer
 
     from megatron_dirmoe.baselines import update_expert_biases
@@ -191,13 +192,10 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     from megatron_dirmoe.layout import moe_layer_numbers
     from megatron_dirmoe.throughput import log_throughput, meter_for_run
     from megatron_dirmoe.training.builders import build_model_from_args
+    from megatron_dirmoe.errors import UserError
+    from megatron_dirmoe.training.checkpointing import load_cpu_checkpoint, save_cpu_checkpoint
     from megatron_dirmoe.training.loss import LossChecks
-    from megatron_dirmoe.training.checkpointing import (
-        check_resume_config,
-        latest_iteration,
-        load_cpu_checkpoint,
-        save_cpu_checkpoint,
-    )
+    from megatron_dirmoe.training.resume import check_resume, load_error
 
     if args.dirmoe_router == "dirichlet" and args.moe_router_topk is None:
         raise ValueError("moe_router_topk unset")
@@ -216,6 +214,9 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     tracker = install_metrics_tracker(
         num_experts=args.num_experts if args.dirmoe_router == "dirichlet" else None)
 
+    # Before any weight is built or loaded: the checkpoint to resume from is intact and holds
+    # this model with these router settings (else one message naming the file or flags).
+    resume = check_resume(args)
     model = build_model_from_args(args).to(device)
     model.train()
     optimizer = _adamw(model, args)
@@ -237,16 +238,21 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
 
     iteration, consumed = 0, 0
     load_root = args.load
-    if load_root is not None and latest_iteration(load_root) is not None:
-        common = load_cpu_checkpoint(load_root, model, optimizer, scheduler,
-                                     load_rng=not args.no_load_rng)
+    if resume is not None:
+        try:
+            common = load_cpu_checkpoint(load_root, model, optimizer, scheduler,
+                                         iteration=resume.iteration,
+                                         load_rng=not args.no_load_rng)
+        except UserError:
+            raise  # the checkpoint loaded; its settings were refused, naming the flags
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - files passed the check
+            raise load_error(resume, exc) from exc
         iteration = int(common["iteration"])
         consumed = int(common["consumed_train_samples"])
         if common.get("dirmoe_release"):
             _log(f"[dirmoe] loaded the release checkpoint of {load_root}: weights only, "
                  "starting at iteration 0")
         else:
-            check_resume_config(common.get("args"), args, load_root)
             _log(f"[dirmoe] resumed from {load_root} at iteration {iteration} "
                  f"({consumed} samples consumed)")
 

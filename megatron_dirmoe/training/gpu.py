@@ -174,21 +174,19 @@ def _use_prebuilt_dataset_helpers() -> None:
 def pretrain_on_cuda(args: argparse.Namespace) -> None:
     from megatron.core.enums import ModelType
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
-    from megatron.training.global_vars import set_global_variables
     from megatron.training.training import pretrain
 
     from megatron_dirmoe.datasets import train_valid_test_datasets_provider
     from megatron_dirmoe.metrics import install_metrics_tracker
+    from megatron_dirmoe.training.inputs import set_megatron_globals
 
-    from megatron_dirmoe.training.checkpointing import read_tracker
-
-    # Before megatron.training loads the weights (a release checkpoint starts a new run: nothing
-    # resumes). --context-parallel-size > 1 is refused at start-up by megatron_dirmoe.layout.
-    saved = read_tracker(args.load)
-    if saved is not None and not saved[1]:
-        check_resume(args)
     _use_prebuilt_dataset_helpers()
-    set_global_variables(args)
+    set_megatron_globals(args)  # builds the tokenizer (padded vocabulary) first
+    # Before megatron.training loads the weights: a damaged checkpoint, another model, a changed
+    # router config / schedule horizon, or a layout Megatron cannot reshard the optimizer state
+    # to stops here, naming the file or the flags. --context-parallel-size > 1 is refused at
+    # start-up by megatron_dirmoe.layout.
+    check_resume(args)
     # num_experts: pipeline stages without a DirMoE layer join the routing metrics' all-reduce.
     tracker = install_metrics_tracker(
         num_experts=args.num_experts if args.dirmoe_router == "dirichlet" else None)
@@ -200,18 +198,17 @@ def pretrain_on_cuda(args: argparse.Namespace) -> None:
 
 
 def check_resume(args) -> None:
-    """What `pretrain_on_cuda` checks before megatron.training loads ``--load``: a changed
-    router config or schedule horizon would otherwise resume silently, and a layout whose
-    optimizer state Megatron cannot load would fail deep in its loader."""
-    from megatron_dirmoe.training.checkpointing import (
-        check_resume_config,
-        check_resume_layout,
-        read_checkpoint_args,
-    )
+    """What `pretrain_on_cuda` checks before megatron.training loads ``--load``: the checkpoint
+    is intact and holds this model with these router settings
+    (`megatron_dirmoe.training.resume.check_resume`), and a resumed run's layout is one whose
+    optimizer state Megatron can load (`checkpointing.check_resume_layout`; a release checkpoint
+    starts a new run with a fresh optimizer)."""
+    from megatron_dirmoe.training import resume
+    from megatron_dirmoe.training.checkpointing import check_resume_layout
 
-    saved_args = read_checkpoint_args(args.load)
-    check_resume_config(saved_args, args, args.load)
-    check_resume_layout(saved_args, args, args.load)
+    point = resume.check_resume(args)
+    if point is not None and point.iteration is not None:
+        check_resume_layout(point.saved_args, args, args.load)
 
 
 def _log_throughput_at_realised_k(args, tracker) -> None:

@@ -67,8 +67,12 @@ class _StepAligner(_NoiseAligner):
 def _parse(argv):
     from megatron.training.arguments import validate_args
 
+    from megatron_dirmoe.training import world
     from megatron_dirmoe.training.arguments import parse_pretrain_args
 
+    # These CPU ranks stand in for the GPU ranks of a torchrun job (--dirmoe-device cuda): the
+    # start-up check that CUDA is usable for them would (rightly) stop a real CPU job.
+    world.cuda_problem = lambda: None
     args = parse_pretrain_args(argv, validate=False)
     args.bf16 = False  # fp32, so that the layouts agree to round-off
     with contextlib.redirect_stdout(io.StringIO()):
@@ -103,10 +107,10 @@ def _run(layout: str, save: str, load, data_cache: str) -> dict:
     if load is not None:
         argv += ["--load", load]
     args = _parse(argv)
-    check_resume(args)  # what pretrain_on_cuda checks before Megatron loads
     unset_global_variables()
     destroy_num_microbatches_calculator()
-    set_global_variables(args)
+    set_global_variables(args)  # the tokenizer sets the padded vocabulary, a model argument
+    check_resume(args)  # what pretrain_on_cuda checks before Megatron loads
     args.iteration = 0
     args.consumed_train_samples = args.consumed_valid_samples = 0
     if ps.model_parallel_is_initialized():

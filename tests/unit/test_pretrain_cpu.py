@@ -100,8 +100,9 @@ def test_resume_equivalence(tmp_path, data_cache):
 
 def test_resume_with_a_changed_schedule_names_the_flags(tmp_path, data_cache):
     """A rerun whose LR schedule differs from the checkpoint's fails with a clear message."""
+    # The router schedules keep their horizon: only the LR schedule changes.
     common = ["--eval-interval", "100", "--eval-iters", "1", "--save-interval", "100",
-              "--lr-warmup-fraction", "0.5"]
+              "--lr-warmup-fraction", "0.5", "--dirmoe-schedule-iters", "2"]
     run(tmp_path, data_cache, "--train-iters", "2", *common)
     with pytest.raises(ValueError, match="--override-opt_param-scheduler"):
         run(tmp_path, data_cache, "--train-iters", "4", *common)
