@@ -32,6 +32,7 @@ def main(argv: Optional[Sequence[str]] = None):
     from megatron_dirmoe.training.arguments import parse_pretrain_args
 
     args = parse_pretrain_args(argv)
+    startup_noise.apply_logging_level(args.logging_level)
     _check_wandb(args)
     if args.dirmoe_use_cuda:
         from megatron_dirmoe.training.gpu import pretrain_on_cuda
