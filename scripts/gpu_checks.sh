@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, on one GPU, within about 8 minutes: the GPU test
 # suite, the router / MoE-layer / end-to-end benchmarks against Megatron's TopKRouter, a
-# one-GPU torchrun of the entry point, and the dry run of every Slurm script.
+# one-GPU torchrun of the entry point, its Hugging Face export served by vLLM (greedy output
+# equal to transformers'; needs vllm installed, else that step exits 3), and the dry run of
+# every Slurm script.
 #
 #   bash scripts/gpu_checks.sh [RESULTS_DIR]        # default $OUT, else ./gpu_results
 #
@@ -39,6 +41,10 @@ STEP_TIMEOUT=360 step bench_e2e "$python" scripts/bench_e2e.py --size small --st
 step torchrun_1gpu "$python" -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m megatron_dirmoe.pretrain --preset tiny --dirmoe-device cuda --train-iters 20 \
   --log-interval 5 --eval-interval 20 --save "$out/tiny_ckpt" --load "$out/tiny_ckpt"
+step export_hf "$python" -m megatron_dirmoe.convert to-hf --load "$out/tiny_ckpt" \
+  --out "$out/tiny_hf" --verify
+STEP_TIMEOUT=360 step vllm_check "$python" scripts/vllm_check.py --model "$out/tiny_hf" \
+  --tokens 32 --json "$out/vllm_check.json"
 for script in slurm/small.sh slurm/small_k2.sh slurm/medium.sh slurm/large.sh; do
   step "dry_run_$(basename "$script" .sh)" env DRY_RUN=1 PYTHON="$python" bash "$script"
 done
