@@ -8,7 +8,8 @@ module per expert and a Python loop over the experts a batch routes to, with a h
 
 Every variant runs the same weights, routing and attention (`--attn`); only the routed experts'
 computation differs. Prints tokens/s (new tokens x batch / wall time; median of `--repeats`
-runs after one warm-up) per variant and checks that all variants generate the same tokens.
+runs after one warm-up, the layouts taking turns) per variant and checks that all variants
+generate the same tokens.
 """
 
 from __future__ import annotations
@@ -104,18 +105,14 @@ def _prompt(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(4, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def bench(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
-    """(median tokens/s, generated ids) of greedy generation of exactly `new_tokens` tokens."""
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  attention_mask=torch.ones_like(prompt), pad_token_id=0)
-    times = []
+def generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """(seconds, generated ids) of greedy generation of exactly `new_tokens` tokens."""
+    t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(prompt, **kwargs)  # warm-up
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = model.generate(prompt, **kwargs)
-            times.append(time.perf_counter() - t0)
-    return prompt.shape[0] * new_tokens / statistics.median(times), out
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, attention_mask=torch.ones_like(prompt),
+                             pad_token_id=0)
+    return time.perf_counter() - t0, out
 
 
 def main(argv=None) -> dict:
@@ -135,11 +132,17 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results, outputs = {}, {}
-    for layout in args.layouts:
-        model = load(args.model, args.attn, layout)
-        prompt = _prompt(model.config.vocab_size, args.batch, args.prompt_len, args.seed)
-        results[layout], outputs[layout] = bench(model, prompt, args.new_tokens, args.repeats)
+    models = {layout: load(args.model, args.attn, layout) for layout in args.layouts}
+    prompt = _prompt(models[args.layouts[0]].config.vocab_size, args.batch, args.prompt_len,
+                     args.seed)
+    outputs = {layout: generate(m, prompt, args.new_tokens)[1] for layout, m in models.items()}
+    # Round robin over the layouts, so a change in machine load hits all of them alike.
+    times: dict[str, list[float]] = {layout: [] for layout in args.layouts}
+    for _ in range(args.repeats):
+        for layout, model in models.items():
+            times[layout].append(generate(model, prompt, args.new_tokens)[0])
+    results = {layout: args.batch * args.new_tokens / statistics.median(t)
+               for layout, t in times.items()}
     base = args.layouts[0]
     same = all(torch.equal(outputs[base], o) for o in outputs.values())
     device = f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
