@@ -34,6 +34,7 @@ def main(argv: Optional[Sequence[str]] = None):
     from megatron_dirmoe.training.inputs import check_input_files, set_megatron_globals
 
     args = parse_pretrain_args(argv)
+    startup_noise.apply_logging_level(args.logging_level)
     _check_wandb(args)
     check_input_files(args)  # data, tokenizer and output paths: one message naming each
     if args.dirmoe_use_cuda:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, on one GPU, within about 9 minutes: the GPU test
 # suite, the router / MoE-layer / end-to-end benchmarks against Megatron's TopKRouter, a
-# one-GPU torchrun of the entry point, one process without a launcher, MTP with DirMoE layers,
-# the torch build chosen for the driver, and the dry run of every Slurm script.
+# one-GPU torchrun of the entry point, its Hugging Face export served by vLLM (greedy output
+# equal to transformers'; needs vllm installed, else that step exits 3), one process without a
+# launcher, MTP with DirMoE layers, the torch build chosen for the driver, and the dry run of
+# every Slurm script.
 #
 #   bash scripts/gpu_checks.sh [RESULTS_DIR]        # default $OUT, else ./gpu_results
 #
@@ -40,6 +42,10 @@ STEP_TIMEOUT=360 step bench_e2e "$python" scripts/bench_e2e.py --size small --st
 step torchrun_1gpu "$python" -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m megatron_dirmoe.pretrain --preset tiny --dirmoe-device cuda --train-iters 20 \
   --log-interval 5 --eval-interval 20 --save "$out/tiny_ckpt" --load "$out/tiny_ckpt"
+step export_hf "$python" -m megatron_dirmoe.convert to-hf --load "$out/tiny_ckpt" \
+  --out "$out/tiny_hf" --verify
+STEP_TIMEOUT=360 step vllm_check "$python" scripts/vllm_check.py --model "$out/tiny_hf" \
+  --tokens 32 --json "$out/vllm_check.json"
 # One process on one GPU with no launcher (WORLD_SIZE unset): the entry point sets the rendezvous.
 step one_gpu_no_launcher env -u WORLD_SIZE -u RANK -u LOCAL_RANK -u MASTER_ADDR -u MASTER_PORT \
   "$python" -m megatron_dirmoe.pretrain --preset tiny --dirmoe-device cuda --train-iters 10 \

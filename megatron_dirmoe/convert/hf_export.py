@@ -62,6 +62,11 @@ def hf_config_from_megatron(model, config, dirmoe_config, iteration: int, **extr
     layers = model.decoder.layers
     moe_layers = [i for i, layer in enumerate(layers) if isinstance(layer.mlp, MoELayer)]
     E = config.num_moe_experts
+    # Router heads stacked in one weight (spike, slab, ...): its rows in units of E.
+    router_rows = {layers[i].mlp.router.weight.shape[0] for i in moe_layers}
+    if len(router_rows) != 1 or next(iter(router_rows)) % E:
+        raise ConversionError(f"router weights with {sorted(router_rows)} rows: expected one "
+                              f"multiple of num_experts={E} for every MoE layer")
     return DirMoEHFConfig(
         vocab_size=model.vocab_size,
         hidden_size=config.hidden_size,
@@ -94,6 +99,7 @@ def hf_config_from_megatron(model, config, dirmoe_config, iteration: int, **extr
         router_renormalize=dirmoe_config.renormalize,
         router_rule=dirmoe_config.routing_rule,
         router_fallback_k=dirmoe_config.fallback_k,
+        router_logit_heads=next(iter(router_rows)) // E,
         tie_word_embeddings=model.share_embeddings_and_output_weights,
         architectures=["DirMoEForCausalLM"],
         auto_map=dict(AUTO_MAP),

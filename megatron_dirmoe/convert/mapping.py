@@ -5,8 +5,9 @@ loads any TP/PP/EP checkpoint into that model first, so resharding is Megatron's
 are those of `megatron_dirmoe.hf.DirMoEForCausalLM`.
 
 A rule names its tensors with `{layer}` / `{expert}` placeholders, says at which scope it
-applies (the whole model, every layer, dense layers, MoE layers, every expert of a MoE layer)
-and which architecture features it needs; :func:`expand` turns the table into concrete
+applies (the whole model, every layer, dense layers, MoE layers, the experts of a MoE layer:
+one Megatron name per expert, stacked into one HF tensor) and which architecture features it
+needs; :func:`expand` turns the table into concrete
 (megatron names, hf names, transform) triples for one model, with no pattern matching. The
 conversion then checks that the state dict holds exactly the expanded names.
 
@@ -20,7 +21,13 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from megatron_dirmoe.convert.transforms import AttentionDims, Identity, SplitGatedFC1, SplitQKV
+from megatron_dirmoe.convert.transforms import (
+    AttentionDims,
+    Identity,
+    SplitGatedFC1,
+    SplitQKV,
+    StackExperts,
+)
 
 __all__ = [
     "Rule",
@@ -41,17 +48,19 @@ class ConversionError(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    scope: str  # "model" | "layer" | "dense_layer" | "moe_layer" | "expert"
+    # "model" | "layer" | "dense_layer" | "moe_layer" | "experts" ({expert} names on the
+    # Megatron side expand to one name per expert of the layer, in expert order)
+    scope: str
     megatron: tuple[str, ...]
     hf: tuple[str, ...]
-    transform: str = "identity"  # "identity" | "qkv" | "gated_fc1"
+    transform: str = "identity"  # "identity" | "qkv" | "gated_fc1" | "stack_experts"
     requires: tuple[str, ...] = ()  # features that must all be present (see Layout.features)
 
 
 _L = "decoder.layers.{layer}."
 _H = "model.layers.{layer}."
 _E = _L + "mlp.experts.local_experts.{expert}."
-_HE = _H + "mlp.experts.{expert}."
+_HE = _H + "mlp.experts."
 _S = _L + "mlp.shared_experts."
 _HS = _H + "mlp.shared_expert."
 
@@ -87,14 +96,15 @@ TABLE: tuple[Rule, ...] = (
     Rule("dense_layer", (_L + "mlp.linear_fc1.weight",), (_H + "mlp.up_proj.weight",),
          requires=("ungated",)),
     Rule("dense_layer", (_L + "mlp.linear_fc2.weight",), (_H + "mlp.down_proj.weight",)),
-    # ---- MoE: router ([W_z; W_v] stays stacked, as both sides compute one GEMM)
+    # ---- MoE: router (the heads [W_z; W_v; ...] stay stacked: both sides compute one GEMM)
     Rule("moe_layer", (_L + "mlp.router.weight",), (_H + "mlp.router.weight",)),
     Rule("moe_layer", (_L + "mlp.router.spike_bias",), (_H + "mlp.router.spike_bias",)),
-    # ---- MoE: routed experts
-    Rule("expert", (_E + "linear_fc1.weight",), (_HE + "gate_proj.weight", _HE + "up_proj.weight"),
-         transform="gated_fc1", requires=("gated",)),
-    Rule("expert", (_E + "linear_fc1.weight",), (_HE + "up_proj.weight",), requires=("ungated",)),
-    Rule("expert", (_E + "linear_fc2.weight",), (_HE + "down_proj.weight",)),
+    # ---- MoE: routed experts, per expert in Megatron, packed [E, ...] in HF
+    Rule("experts", (_E + "linear_fc1.weight",), (_HE + "gate_up_proj",),
+         transform="stack_experts", requires=("gated",)),
+    Rule("experts", (_E + "linear_fc1.weight",), (_HE + "up_proj",), transform="stack_experts",
+         requires=("ungated",)),
+    Rule("experts", (_E + "linear_fc2.weight",), (_HE + "down_proj",), transform="stack_experts"),
     # ---- MoE: shared expert
     Rule("moe_layer", (_S + "linear_fc1.weight",),
          (_HS + "gate_proj.weight", _HS + "up_proj.weight"),
@@ -149,7 +159,7 @@ def layout_from_hf_config(config: Any) -> Layout:
 class ConcreteMapping:
     megatron: tuple[str, ...]
     hf: tuple[str, ...]
-    transform: Any  # Identity | SplitQKV | SplitGatedFC1
+    transform: Any  # Identity | SplitQKV | SplitGatedFC1 | StackExperts
 
 
 def _transform(name: str, layout: Layout):
@@ -159,6 +169,8 @@ def _transform(name: str, layout: Layout):
         return SplitQKV(layout.attention)
     if name == "gated_fc1":
         return SplitGatedFC1()
+    if name == "stack_experts":
+        return StackExperts(layout.num_experts)
     raise ValueError(f"unknown transform {name!r}")
 
 
@@ -172,10 +184,8 @@ def _placements(scope: str, layout: Layout) -> Iterable[dict]:
         yield from ({"layer": i} for i in layers if i not in layout.moe_layers)
     elif scope == "moe_layer":
         yield from ({"layer": i} for i in layers if i in layout.moe_layers)
-    elif scope == "expert":
-        for i in layers:
-            if i in layout.moe_layers:
-                yield from ({"layer": i, "expert": e} for e in range(layout.num_experts))
+    elif scope == "experts":
+        yield from ({"layer": i} for i in layers if i in layout.moe_layers)
     else:
         raise ValueError(f"unknown rule scope {scope!r}")
 
@@ -187,10 +197,12 @@ def expand(layout: Layout, table: tuple[Rule, ...] = TABLE) -> list[ConcreteMapp
         if not set(rule.requires) <= layout.features:
             continue
         transform = _transform(rule.transform, layout)
+        experts = range(layout.num_experts) if rule.scope == "experts" else [None]
         for where in _placements(rule.scope, layout):
             out.append(
                 ConcreteMapping(
-                    megatron=tuple(name.format(**where) for name in rule.megatron),
+                    megatron=tuple(name.format(**where, expert=e)
+                                   for name in rule.megatron for e in experts),
                     hf=tuple(name.format(**where) for name in rule.hf),
                     transform=transform,
                 )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Identity", "SplitQKV", "SplitGatedFC1", "AttentionDims"]
+__all__ = ["Identity", "SplitQKV", "SplitGatedFC1", "StackExperts", "AttentionDims"]
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -93,3 +93,33 @@ class SplitGatedFC1:
     def to_megatron(self, tensors: Tensors) -> Tensors:
         gate, up = tensors
         return (torch.cat([gate, up], dim=0),)
+
+
+@dataclass(frozen=True)
+class StackExperts:
+    """Megatron keeps one tensor per expert (`local_experts.<e>.linear_fc1.weight` [2F, D] or
+    [F, D], `linear_fc2.weight` [D, F]); transformers' MoE layout packs them into one 3-D tensor
+    with the expert first ([E, 2F, D], [E, F, D], [E, D, F]). A gated fc1 is already [gate; up],
+    the order of transformers' concatenated `gate_up_proj`, so the stack is all it takes."""
+
+    num_experts: int
+
+    @property
+    def arity(self) -> tuple[int, int]:
+        return (self.num_experts, 1)
+
+    def to_hf(self, tensors: Tensors) -> Tensors:
+        if len(tensors) != self.num_experts:
+            raise ValueError(f"{len(tensors)} expert tensors, expected {self.num_experts}")
+        for e, t in enumerate(tensors):
+            if t.shape != tensors[0].shape:
+                raise ValueError(f"expert {e} has shape {tuple(t.shape)}, expert 0 has "
+                                 f"{tuple(tensors[0].shape)}")
+        return (torch.stack(tensors, dim=0),)
+
+    def to_megatron(self, tensors: Tensors) -> Tensors:
+        (packed,) = tensors
+        if packed.shape[0] != self.num_experts:
+            raise ValueError(f"packed experts tensor has {packed.shape[0]} experts, expected "
+                             f"{self.num_experts}")
+        return tuple(t.clone() for t in packed.unbind(0))

@@ -23,7 +23,12 @@ class DirMoEHFConfig(PretrainedConfig):
     0-based indices of the MoE layers (from `--moe-layer-freq`), `normalization` is
     "RMSNorm" or "LayerNorm", `head_dim` is `--kv-channels`. The `router_*` fields are the
     arguments of `routing.route(..., training=False)`; `router_tau` is tau_z at the iteration
-    the checkpoint was saved (`router_iteration`).
+    the checkpoint was saved (`router_iteration`). `router_logit_heads` is the number of E-row
+    blocks stacked in the router weight (spike and slab logits: 2).
+
+    `num_experts_per_tok` is the width of the experts' top-k ids under the name transformers'
+    MoE models and the serving engines read: `router_max_active`. A token routed to fewer
+    experts fills its remaining slots with weight 0.
     """
 
     model_type = "dirmoe"
@@ -62,6 +67,8 @@ class DirMoEHFConfig(PretrainedConfig):
         router_renormalize: bool = True,
         router_rule: str = "gate",
         router_fallback_k: Optional[int] = None,
+        router_logit_heads: int = 2,
+        num_experts_per_tok: Optional[int] = None,
         initializer_range: float = 0.02,
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
@@ -103,6 +110,11 @@ class DirMoEHFConfig(PretrainedConfig):
         # Experts a token gets when no gate passes: k (calibrated recipe) or 1 (paper recipe).
         self.router_fallback_k = router_fallback_k or (
             router_target_k if router_rule == "gate" else 1)
+        self.router_logit_heads = router_logit_heads
+        if num_experts_per_tok not in (None, self.router_max_active):
+            raise ValueError(f"num_experts_per_tok={num_experts_per_tok} differs from "
+                             f"router_max_active={self.router_max_active}; it is its alias")
+        self.num_experts_per_tok = self.router_max_active
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self._validate()
@@ -128,6 +140,9 @@ class DirMoEHFConfig(PretrainedConfig):
         if not 1 <= self.router_fallback_k <= self.router_max_active:
             raise ValueError(f"router_fallback_k={self.router_fallback_k}: allowed "
                              f"1..router_max_active={self.router_max_active}")
+        if self.router_logit_heads < 2:
+            raise ValueError(f"router_logit_heads={self.router_logit_heads}: allowed >= 2 "
+                             "(spike and slab logits)")
         if not 1 <= self.router_max_active <= self.num_experts:
             raise ValueError(
                 f"router_max_active={self.router_max_active}: allowed "

@@ -13,6 +13,12 @@ instead::
     [dirmoe] Transformer Engine / NVIDIA apex not installed: Megatron uses PyTorch fallbacks
     (fine on CPU; on GPUs install TE for fused kernels: pip install -e '.[te]')
 
+Megatron-Core's INFO records that restate the run's own settings at start-up (the dataset
+builder's ~25 lines about index files and sample counts, the micro-batch count, the LR decay
+style) are hidden too: their loggers are set to WARNING. Megatron's own level controls bring them
+back: ``--logging-level 20`` (or ``MEGATRON_LOGGING_LEVEL=20``) sets that level for every logger,
+as `megatron.training` does, on the CPU loop as well.
+
 Any other warning still shows. ``DIRMOE_STARTUP_WARNINGS=all`` turns the filtering off (every
 message is printed as Megatron emits it). Neither torch nor Megatron is modified; only the
 standard warning filters and logger filters are added, so call :func:`install` before Megatron is
@@ -29,9 +35,12 @@ import sys
 import warnings
 from typing import Optional, TextIO
 
-__all__ = ["install", "summary_line", "WARNING_MESSAGES", "LOG_MESSAGES", "ENV_SHOW_ALL"]
+__all__ = ["install", "summary_line", "apply_logging_level", "WARNING_MESSAGES", "LOG_MESSAGES",
+           "QUIET_INFO_LOGGERS", "ENV_SHOW_ALL", "ENV_MEGATRON_LEVEL"]
 
 ENV_SHOW_ALL = "DIRMOE_STARTUP_WARNINGS"
+# Megatron's environment variable for the logging level (`megatron.training.initialize`).
+ENV_MEGATRON_LEVEL = "MEGATRON_LOGGING_LEVEL"
 
 # (message regex, category, module regex) of warnings that say TE / apex is missing. The message
 # is matched at its start (case-insensitively, as `warnings.filterwarnings` does), the module is
@@ -71,6 +80,15 @@ LOG_MESSAGES: dict[str, tuple[str, ...]] = {
     # Megatron's synchronous save calls its own async path with async_strategy="mcore".
     "megatron.core.dist_checkpointing.strategies.torch": (r"MCore's async save is deprecated",),
 }
+
+
+# Loggers whose INFO records restate the run's settings at start-up; quiet (WARNING) by default.
+QUIET_INFO_LOGGERS = (
+    "megatron.core.datasets",  # BlendedMegatronDatasetBuilder, GPTDataset, the index readers
+    "megatron.core.num_microbatches_calculator",
+    "megatron.core.optimizer_param_scheduler",
+)
+_quieted: list[str] = []
 
 
 class _DropMessages(logging.Filter):
@@ -132,8 +150,26 @@ def install(stream: Optional[TextIO] = None, *, summary: bool = True) -> bool:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(patterns))
+    if os.environ.get(ENV_MEGATRON_LEVEL) is None:
+        for name in QUIET_INFO_LOGGERS:
+            logger = logging.getLogger(name)
+            if logger.level == logging.NOTSET:  # a level someone chose stays
+                logger.setLevel(logging.WARNING)
+                _quieted.append(name)
     line = summary_line() if summary else None
     if line and not _printed and os.environ.get("RANK", "0") == "0":
         print(line, file=stream or sys.stderr, flush=True)
     _printed = _printed or line is not None
     return True
+
+
+def apply_logging_level(level: Optional[int]) -> None:
+    """Megatron's ``--logging-level`` (None: not given): an explicit level lifts the quiet start
+    and applies to every logger, as `megatron.training.initialize.setup_logging` does (the
+    CPU loop does not run Megatron's initialisation, so the entry calls this)."""
+    env = os.environ.get(ENV_MEGATRON_LEVEL)
+    if level is None and env is None:
+        return
+    while _quieted:
+        logging.getLogger(_quieted.pop()).setLevel(logging.NOTSET)
+    logging.getLogger().setLevel(int(level if level is not None else env))

@@ -21,7 +21,12 @@ from megatron_dirmoe.convert.mapping import (
     layout_from_hf_config,
     megatron_to_hf,
 )
-from megatron_dirmoe.convert.transforms import AttentionDims, SplitGatedFC1, SplitQKV
+from megatron_dirmoe.convert.transforms import (
+    AttentionDims,
+    SplitGatedFC1,
+    SplitQKV,
+    StackExperts,
+)
 from megatron_dirmoe.hf import DirMoEForCausalLM, DirMoEHFConfig
 
 H, HEADS, HEAD_DIM, FFN, MOE_FFN, SHARED_FFN, E, V = 32, 4, 8, 40, 24, 16, 4, 50
@@ -174,10 +179,45 @@ def test_refuses_missing_unexpected_and_misshaped_tensors():
     wrong = dict(state)
     fc2 = "decoder.layers.2.mlp.experts.local_experts.3.linear_fc2.weight"
     wrong[fc2] = torch.zeros(H, MOE_FFN + 1)
-    with pytest.raises(ConversionError, match=r"model.layers.2.mlp.experts.3.down_proj.weight"):
+    with pytest.raises(ConversionError, match=r"local_experts\.3\.linear_fc2\.weight.*expert 3 "
+                       r"has shape \(32, 25\), expert 0 has \(32, 24\)"):
         megatron_to_hf(wrong, layout, _hf_shapes(cfg))
 
     bad_qkv = dict(state)
     bad_qkv["decoder.layers.0.self_attention.linear_qkv.weight"] = torch.zeros(7, H)
     with pytest.raises(ConversionError, match=r"decoder.layers.0.self_attention.linear_qkv.weight"):
         megatron_to_hf(bad_qkv, layout, _hf_shapes(cfg))
+
+
+def test_stack_experts_packs_in_expert_order_and_unpacks_exactly():
+    per_expert = tuple(torch.full((6, 3), float(e)) + torch.randn(6, 3) for e in range(4))
+    (packed,) = StackExperts(4).to_hf(per_expert)
+    assert packed.shape == (4, 6, 3)
+    for e in range(4):
+        assert torch.equal(packed[e], per_expert[e])
+    back = StackExperts(4).to_megatron((packed,))
+    assert all(torch.equal(a, b) for a, b in zip(back, per_expert))
+    assert back[0].untyped_storage().data_ptr() != packed.untyped_storage().data_ptr()
+    with pytest.raises(ValueError, match="3 experts, expected 4"):
+        StackExperts(4).to_megatron((packed[:3],))
+
+
+def test_packed_gate_up_is_gate_first_as_transformers_reads_it():
+    """Megatron's gated fc1 rows are [gate; up]: stacked, transformers' experts forward (its
+    `_apply_gate` splits `gate_up_proj` output in halves, activation on the first) computes
+    act(gate x) * (up x), as Megatron's GLU does."""
+    from megatron_dirmoe.hf.modeling_dirmoe import DirMoEExperts
+
+    cfg = _config(VARIANTS[0])
+    experts = DirMoEExperts(cfg)
+    fc1 = [torch.randn(2 * MOE_FFN, H) for _ in range(E)]
+    fc2 = [torch.randn(H, MOE_FFN) for _ in range(E)]
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(StackExperts(E).to_hf(tuple(fc1))[0])
+        experts.down_proj.copy_(StackExperts(E).to_hf(tuple(fc2))[0])
+    x = torch.randn(5, H)
+    e = 2
+    gate, up = fc1[e][:MOE_FFN], fc1[e][MOE_FFN:]
+    want = torch.nn.functional.silu(x @ gate.T) * (x @ up.T) @ fc2[e].T
+    transformers_gate = experts._apply_gate(x @ experts.gate_up_proj[e].T)
+    assert torch.allclose(transformers_gate @ experts.down_proj[e].T, want, atol=1e-5)

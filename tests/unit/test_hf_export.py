@@ -157,6 +157,14 @@ def test_folder_contents_and_config(exported):
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
             saved |= set(f.keys())
+    # transformers' MoE layout: packed [E, ...] experts, fixed-width top-k under its name.
+    assert config["num_experts_per_tok"] == config["router_max_active"]
+    assert config["router_logit_heads"] == 2
+    first_moe = config["moe_layers"][0]
+    expert_tensors = {k for k in saved if k.startswith(f"model.layers.{first_moe}.mlp.experts.")}
+    gated = name == "rms_gqa_freq_shared"
+    assert expert_tensors == {f"model.layers.{first_moe}.mlp.experts.{t}"
+                              for t in (("gate_up_proj" if gated else "up_proj"), "down_proj")}
     if len(shards) > 1:
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert set(index["weight_map"].values()) == {p.name for p in shards}
@@ -269,7 +277,7 @@ def test_refuses_mismatched_config_naming_the_tensor(exported):
     config = DirMoEHFConfig.from_pretrained(str(out))
     config.moe_intermediate_size += 8
     first_moe = config.moe_layers[0]
-    tensor = rf"'model\.layers\.{first_moe}\.mlp\.experts\.0\.(gate|up)_proj\.weight'"
+    tensor = rf"'model\.layers\.{first_moe}\.mlp\.experts\.(gate_up|up)_proj'"
     with pytest.raises(ConversionError, match=tensor):
         megatron_state_to_hf(model.state_dict(), config)
 

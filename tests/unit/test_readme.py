@@ -108,7 +108,7 @@ RULES = (
          "installs packages: .ci/run runs it on a fresh clone"),
     Rule("ci", r"(DIRMOE_CI_NEWEST=1 )?bash \.ci/run", "ci", "the CI entry point itself"),
     Rule("pytest", r"python -m pytest -q", "ci", "the test suite itself, as .ci/run runs it"),
-    Rule("pip-install", r"pip install \S+", "ci",
+    Rule("pip-install", r"pip install( -c constraints\.txt)?( -e)? \S+", "ci",
          "installs from the network: an extra of pyproject.toml, or the optional package the "
          "code names in its error (wandb: tests/unit/test_startup_and_logs.py)"),
     Rule("install-into-env", r"(PYTHON=\S+ )?bash scripts/install_into_env\.sh( dev)?", "ci",
@@ -136,6 +136,14 @@ RULES = (
                        r"python -m megatron_dirmoe\.data\.preprocess)( .*)?", "run"),
     Rule("example", r"(python|bash) examples/[\w-]+\.(py|sh)( .*)?", "run"),
     Rule("tensorboard", r"tensorboard --logdir \S+", "run"),
+    Rule("lm-eval", r"lm_eval --model hf .*", "parse",
+         "tests/unit/test_lm_eval.py runs it on the tiny preset's export (offline) and compares "
+         "its perplexities with heldout_perplexity.py's"),
+    Rule("heldout-perplexity", r"python scripts/heldout_perplexity\.py .*", "parse",
+         "tests/unit/test_lm_eval.py runs it on the tiny preset's checkpoint"),
+    Rule("bench-generate", r"python scripts/bench_generate\.py .*", "run"),
+    Rule("vllm-check", r"python scripts/vllm_check\.py .*", "parse",
+         "GPU with vLLM installed: scripts/gpu_checks.sh runs it on the tiny preset's export"),
 )
 
 COMMANDS = readme_commands(README.read_text())
@@ -383,6 +391,53 @@ def check_tensorboard(argv, tmp_path, request) -> None:
     done = _run([str(BIN / "tensorboard"), "--inspect", "--logdir", str(run.tensorboard_dir)],
                 tmp_path)
     assert "dirmoe/active_experts" in done.stdout
+
+
+def check_lm_eval(argv, tmp_path, monkeypatch) -> None:
+    """lm-evaluation-harness's own parser; the local tasks it names are in the include path."""
+    from lm_eval._cli import HarnessCLI
+
+    monkeypatch.setattr(sys, "argv", ["lm_eval", *argv[1:]])
+    args = HarnessCLI().parse_args()
+    model_args = args.model_args  # a dict once parsed (lm-eval 0.4.13), else the string
+    if isinstance(model_args, str):
+        model_args = dict(kv.split("=", 1) for kv in model_args.split(","))
+    assert args.model == "hf" and str(model_args["trust_remote_code"]) == "True"
+    include = REPO / args.include_path
+    yamls = "".join(p.read_text() for p in include.glob("*.yaml"))
+    for task in ",".join(args.tasks if isinstance(args.tasks, list) else [args.tasks]).split(","):
+        assert f"task: {task}" in yamls or f"tag: {task}" in yamls, task
+
+
+def check_heldout_perplexity(argv, tmp_path) -> None:
+    module = _load_script(REPO / "scripts" / "heldout_perplexity.py")
+    opts = module.build_parser().parse_args(_placeholders(argv[2:]))
+    assert opts.split == "test"
+
+
+def check_vllm_check(argv, tmp_path) -> None:
+    module = _load_script(REPO / "scripts" / "vllm_check.py")
+    opts = module.build_parser().parse_args(argv[2:])
+    assert opts.tokens == 32
+
+
+def check_bench_generate(argv, tmp_path, capsys) -> None:
+    """In this process on a small random model saved in place of `hf_model`, a few tokens."""
+    import torch
+
+    from megatron_dirmoe.hf import DirMoEForCausalLM, DirMoEHFConfig
+
+    config = DirMoEHFConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                            moe_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                            num_experts=4, router_target_k=1)
+    torch.manual_seed(0)
+    DirMoEForCausalLM(config).save_pretrained(tmp_path / "hf_model")
+    args = [str(tmp_path / "hf_model") if a == "hf_model" else a for a in argv[2:]]
+    bench = _load_script(REPO / "scripts" / "bench_generate.py")
+    summary = bench.main([*args, "--new-tokens", "3", "--repeats", "1", "--prompt-len", "4"])
+    assert summary["same_tokens"] and set(summary["tokens_per_s"]) == {
+        "per_expert_loop", "grouped_mm", "batched_mm", "eager"}
+    assert "same tokens in every layout: yes" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[c[:60] for c in COMMANDS])

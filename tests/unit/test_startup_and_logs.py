@@ -61,6 +61,71 @@ def test_quiet_start_one_summary_line(tiny_preset_run):
     assert "Warning" not in err, err  # nothing else warned in this run
 
 
+def test_first_run_prints_no_dataset_builder_lines(tiny_preset_run):
+    """What the tiny preset prints before its first iteration: the padded vocabulary and the
+    run's one-line summary on stdout, the TE/apex line on stderr; none of the ~25 INFO lines of
+    Megatron's dataset builder (index files, sample counts), the micro-batch count or the LR
+    decay style that the command line already states."""
+    out = tiny_preset_run.stdout.splitlines()
+    first = next(i for i, line in enumerate(out) if line.lstrip().startswith("iteration "))
+    # (Megatron announces the writer of the fixture's --tensorboard-dir; a user's first run has
+    # no such flag.)
+    before = [line for line in out[:first] if line != "> setting tensorboard ..."]
+    assert len(before) == 2, before
+    assert before[0].startswith("INFO:megatron.core.tokenizers") and "padded vocab" in before[0]
+    assert before[1].startswith("[dirmoe] CPU training:")
+    assert len(tiny_preset_run.stderr.splitlines()) <= 1
+    everything = tiny_preset_run.stdout + tiny_preset_run.stderr
+    for logger in startup_noise.QUIET_INFO_LOGGERS:
+        assert f"INFO:{logger}" not in everything, logger
+
+
+@pytest.fixture
+def logger_levels():
+    """Restore the levels that `install` / `apply_logging_level` change."""
+    names = ["", *startup_noise.QUIET_INFO_LOGGERS]
+    saved = {n: logging.getLogger(n).level for n in names}
+    yield
+    for n, level in saved.items():
+        logging.getLogger(n).setLevel(level)
+    startup_noise._quieted.clear()
+
+
+def _dataset_logger_enabled() -> bool:
+    return logging.getLogger("megatron.core.datasets.gpt_dataset").isEnabledFor(logging.INFO)
+
+
+def test_logging_level_or_show_all_brings_the_info_lines_back(logger_levels, monkeypatch):
+    monkeypatch.delenv("MEGATRON_LOGGING_LEVEL", raising=False)
+    monkeypatch.delenv("DIRMOE_STARTUP_WARNINGS", raising=False)
+    logging.getLogger().setLevel(logging.INFO)  # what megatron.training's basicConfig sets
+    startup_noise.install(stream=io.StringIO())
+    assert not _dataset_logger_enabled()
+    startup_noise.apply_logging_level(None)  # no --logging-level: stays quiet
+    assert not _dataset_logger_enabled()
+    startup_noise.apply_logging_level(logging.INFO)  # --logging-level 20, as megatron.training
+    assert _dataset_logger_enabled()
+    assert logging.getLogger().level == logging.INFO
+
+    for n in startup_noise.QUIET_INFO_LOGGERS:  # fresh process again
+        logging.getLogger(n).setLevel(logging.NOTSET)
+    monkeypatch.setenv("MEGATRON_LOGGING_LEVEL", "20")  # Megatron's variable: not quieted
+    startup_noise.install(stream=io.StringIO())
+    assert _dataset_logger_enabled()
+    monkeypatch.delenv("MEGATRON_LOGGING_LEVEL")
+    monkeypatch.setenv("DIRMOE_STARTUP_WARNINGS", "all")  # every start-up message
+    assert startup_noise.install(stream=io.StringIO()) is False
+    assert _dataset_logger_enabled()
+
+
+def test_logging_level_flag_reaches_the_entry(monkeypatch):
+    """`--logging-level` is Megatron's own flag, parsed by the entry's parser."""
+    from megatron_dirmoe.training.arguments import parse_pretrain_args
+
+    args = parse_pretrain_args(["--preset", "tiny", "--logging-level", "20"], validate=False)
+    assert args.logging_level == 20
+
+
 def test_unrelated_warnings_still_show():
     """Only the exact known messages from the modules that raise them are hidden."""
     with warnings.catch_warnings(record=True) as caught:
