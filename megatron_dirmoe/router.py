@@ -31,9 +31,12 @@ from megatron_dirmoe.config import DirMoEConfig
 from megatron_dirmoe.routing import (
     STAT_NAMES,
     balance_penalty,
+    firing_sums,
     route,
     routing_regularizers,
     routing_statistics,
+    slab_heads,
+    softplus_inverse,
     spike_bias_init,
 )
 from megatron_dirmoe.schedules import prior_scale_at, temperature_at
@@ -60,8 +63,10 @@ class DirichletRouter(Router):
     and none for padded tokens (they add no load and no loss).
 
     Parameters (fp32, replicated over TP and marked ``sequence_parallel`` like Megatron's router
-    weight so their gradients are all-reduced): ``weight`` = [W_z; W_v] stacked as [2E, h] so both
-    logits come from one GEMM, and ``spike_bias`` b_z [E].
+    weight so their gradients are all-reduced): ``weight`` stacks the gate weights W_z [E, h] and
+    the recipe's slab heads (none for the calibrated recipe's gate-logit slab, W_v [E, h] for a
+    separate slab head, the alpha_hi and alpha_lo heads [2E, h] for the paper recipe) so every
+    logit comes from one GEMM; ``spike_bias`` b_z [E]; ``slab_bias`` [2E] (paper recipe only).
     """
 
     def __init__(
@@ -73,17 +78,23 @@ class DirichletRouter(Router):
     ) -> None:
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
-        self.dirmoe_config = (dirmoe_config or DirMoEConfig()).validate_for(config.num_moe_experts)
+        self.dirmoe_config = ((dirmoe_config or DirMoEConfig()).validate_for(config.num_moe_experts)
+                              .calibrated_for(config.num_moe_experts))
         temperature_at(self.dirmoe_config, 0)  # fails at build time if the horizon is unset
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         num_experts, hidden = config.num_moe_experts, config.hidden_size
         self.max_active = self.dirmoe_config.max_active_for(num_experts)
         self.prior_ratio = self.dirmoe_config.prior_ratio_for(num_experts)
         self.iteration = 0
-        # Megatron's optional gate bias is replaced by the spike bias; the slab has no bias.
+        # Megatron's optional gate bias is replaced by the spike bias; the softmax slab head has
+        # no bias, the paper's alpha_hi/alpha_lo heads have one (their starting concentrations).
         self.bias = None
-        self.weight = torch.nn.Parameter(torch.empty(2 * num_experts, hidden, dtype=torch.float32))
+        self.slab_heads = slab_heads(self.dirmoe_config.slab)
+        self.weight = torch.nn.Parameter(
+            torch.empty((1 + self.slab_heads) * num_experts, hidden, dtype=torch.float32))
         self.spike_bias = torch.nn.Parameter(torch.empty(num_experts, dtype=torch.float32))
+        self.slab_bias = (torch.nn.Parameter(torch.empty(2 * num_experts, dtype=torch.float32))
+                          if self.dirmoe_config.slab == "gated" else None)
         # Routed (non-padded) tokens per expert since the last `pop_expert_load()`. A plain fp32
         # tensor rather than a buffer, so Megatron's Float16Module (which casts buffers to bf16)
         # cannot round the counts; it follows the logits' device at the first forward.
@@ -118,6 +129,8 @@ class DirichletRouter(Router):
             target_k=cfg.target_k,
             rule=cfg.routing_rule,
             fallback_k=cfg.fallback_k,
+            slab=cfg.slab,
+            count_on_sample=cfg.count_on_sample,
             loss_scale_kl=cfg.recon_variance * cfg.kl_weight,
             loss_scale_sparsity=cfg.recon_variance * cfg.effective_count_weight,
         )
@@ -136,7 +149,14 @@ class DirichletRouter(Router):
             self.spike_bias.fill_(
                 spike_bias_init(cfg.target_k, self.num_experts, temperature_at(cfg, 0))
             )
-        for param in (self.weight, self.spike_bias):
+            if self.slab_bias is not None:
+                # alpha_hi(x), alpha_lo(x) start at the prior's alpha_hi, alpha_lo.
+                alpha_hi = self.prior_ratio * cfg.alpha_lo
+                self.slab_bias[: self.num_experts].fill_(softplus_inverse(alpha_hi))
+                self.slab_bias[self.num_experts:].fill_(softplus_inverse(cfg.alpha_lo))
+        params = [self.weight, self.spike_bias] + ([self.slab_bias] if self.slab_bias is not None
+                                                   else [])
+        for param in params:
             param.data = param.data.to(dtype=self.config.params_dtype)
             setattr(param, "sequence_parallel", self.config.sequence_parallel)
 
@@ -157,20 +177,23 @@ class DirichletRouter(Router):
 
     # ------------------------------------------------------------------ forward
     def gating(self, input: torch.Tensor) -> torch.Tensor:
-        """Spike and slab logits [..., 2E] in fp32 from one GEMM (device-agnostic, unlike
+        """Spike and slab logits [..., (1 + slab heads) E] in fp32 from one GEMM (device-agnostic, unlike
         `Router.gating`, which moves CPU weights to CUDA)."""
         # Plain torch rather than Megatron's `router_gating_linear`: with TE 2.20 its TE GEMM path
         # fails (cuBLAS "unsupported value") for bf16 inputs and fp32 output on some shapes.
         return torch.nn.functional.linear(input.float(), self.weight.float())
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Route [T, 2E] logits; returns (probs [T, E], routing_map [T, E])."""
+        """Route [T, (1 + slab heads) E] logits; returns (probs [T, E], routing_map [T, E])."""
         num_experts = self.num_experts
-        logits = logits.view(-1, 2 * num_experts)
+        logits = logits.view(-1, (1 + self.slab_heads) * num_experts)
         valid_T = None
         if padding_mask is not None:
             valid_T = ~padding_mask.reshape(-1)
-        spike_logits, slab_logits = logits.split(num_experts, dim=-1)
+        spike_logits, slab_logits = logits.split(
+            [num_experts, self.slab_heads * num_experts], dim=-1)
+        if self.slab_heads == 0:
+            slab_logits = None
         # Megatron's optional z-loss (--moe-z-loss-coeff) regularises the spike logits. Its
         # implementation only touches state every Router has, so reuse it rather than copy it.
         spike_logits = TopKRouter.apply_z_loss(
@@ -186,11 +209,12 @@ class DirichletRouter(Router):
         schedule_2 = torch.empty(2, dtype=torch.float32, device=logits.device)
         schedule_2.fill_(tau)[1].fill_(prior_scale)
         with self._noise_rng(spike_logits.device):
-            probs, routing_map, loss_sum, stats, load_E, gate_prob, gate_prob_sum_E = self._step_fn(
+            probs, routing_map, loss_sum, stats, load_E, gate_prob, firing_2E = self._step_fn(
                 spike_logits.device)(
                 spike_logits,
                 slab_logits,
                 self.spike_bias,
+                self.slab_bias,
                 schedule_2[0],
                 schedule_2[1],
                 valid_T,
@@ -203,7 +227,7 @@ class DirichletRouter(Router):
             num_tokens = (self._global_token_count(probs.shape[0], valid_T)
                           if self.aux_loss_coeff > 0 or self.balance_scale > 0
                           or not self.calculate_per_token_loss else None)
-            balance = (self._balance_penalty(gate_prob_sum_E, valid_T, probs.shape[0], num_tokens)
+            balance = (self._balance_penalty(firing_2E, valid_T, probs.shape[0], num_tokens)
                        if self.balance_scale > 0 else None)
             probs = self._attach_losses(probs, loss_sum, num_tokens, balance)
             if self.aux_loss_coeff > 0:
@@ -254,7 +278,7 @@ class DirichletRouter(Router):
         return _COMPILED_ROUTING_STEP
 
     # ------------------------------------------------------------------ losses
-    def _balance_penalty(self, gate_prob_sum_E, valid_T, num_local, num_tokens):
+    def _balance_penalty(self, firing_2E, valid_T, num_local, num_tokens):
         """The aggregate spike prior on the gates' firing rates over the micro-batch's real tokens.
 
         The rates are a statistic of the whole micro-batch across TP x CP x DP (as Megatron's
@@ -263,17 +287,17 @@ class DirichletRouter(Router):
         losses (divided by the TP x CP token count): router gradients are then summed over TP x
         CP and averaged over DP, which gives the single-rank gradient.
         """
-        local_mean_E = gate_prob_sum_E / num_tokens
+        local_2E = firing_2E / num_tokens
         if self.tp_dp_cp_group.size() == 1:
-            return balance_penalty(local_mean_E, self.dirmoe_config.target_k)
+            return balance_penalty(local_2E[0], local_2E[1], self.dirmoe_config.target_k)
         # Real tokens on this rank, reduced with the sums in one all-reduce.
         count_1 = (valid_T.sum().float().view(1) if valid_T is not None
-                   else gate_prob_sum_E.new_full((1,), float(num_local)))
-        stats = torch.cat([gate_prob_sum_E.detach(), count_1])
+                   else firing_2E.new_full((1,), float(num_local)))
+        stats = torch.cat([firing_2E.detach().flatten(), count_1])
         torch.distributed.all_reduce(stats, group=self.tp_dp_cp_group)
-        global_mean_E = stats[:-1] / stats[-1].clamp(min=1.0)
-        mean_E = local_mean_E + (global_mean_E - local_mean_E).detach()
-        return balance_penalty(mean_E, self.dirmoe_config.target_k)
+        global_2E = stats[:-1].view_as(firing_2E) / stats[-1].clamp(min=1.0)
+        rates_2E = local_2E + (global_2E - local_2E).detach()
+        return balance_penalty(rates_2E[0], rates_2E[1], self.dirmoe_config.target_k)
 
     def _attach_losses(self, probs, loss_sum, num_tokens, balance=None):
         """Attach sigma^2 * (beta * KL + lambda * penalty), averaged over real tokens, plus
@@ -488,6 +512,7 @@ def _routing_step(
     spike_logits_TE,
     slab_logits_TE,
     spike_bias_E,
+    slab_bias_S,
     tau,
     prior_scale,
     valid_T,
@@ -506,6 +531,8 @@ def _routing_step(
     target_k: int,
     rule: str,
     fallback_k: int,
+    slab: str,
+    count_on_sample: bool,
     loss_scale_kl: float,
     loss_scale_sparsity: float,
 ):
@@ -526,13 +553,15 @@ def _routing_step(
         training=training,
         rule=rule,
         fallback_k=fallback_k,
+        slab=slab,
+        slab_bias_S=slab_bias_S,
     )
     probs_TE, routing_map_TE = result.probs_TE, result.routing_map_TE
     if valid_T is not None:
         # Padded tokens go to no expert: they add no load and no loss.
         routing_map_TE = routing_map_TE & valid_T[:, None]
         probs_TE = probs_TE * valid_T[:, None]
-    loss_sum = kl_T = sparsity_T = gate_prob_sum_E = None
+    loss_sum = kl_T = sparsity_T = firing_2E = None
     if with_losses:
         kl_T, sparsity_T = routing_regularizers(
             result,
@@ -543,14 +572,13 @@ def _routing_step(
             alpha_ceiling=alpha_ceiling,
             target_k=target_k,
             rule=rule,
+            count_on_sample=count_on_sample,
         )
         per_token_T = loss_scale_kl * kl_T + loss_scale_sparsity * sparsity_T
-        gate_prob_TE = result.gate_prob_TE
         if valid_T is not None:
             per_token_T = per_token_T * valid_T
-            gate_prob_TE = gate_prob_TE * valid_T[:, None]
         loss_sum = per_token_T.sum()
-        gate_prob_sum_E = gate_prob_TE.sum(dim=0)
+        firing_2E = firing_sums(result.logits_TE, tau, valid_T)
         # Statistics are recorded only by the forward that builds the graph (see `routing`):
         # evaluation and the no-grad first pass of activation recompute skip them.
         stats, load_E = routing_statistics(
@@ -567,7 +595,7 @@ def _routing_step(
     else:
         stats = load_E = None
     return (probs_TE, routing_map_TE, loss_sum, stats, load_E, result.gate_prob_TE,
-            gate_prob_sum_E)
+            firing_2E)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -14,6 +14,7 @@ from megatron_dirmoe.config import DirMoEConfig
 from megatron_dirmoe.routing import (
     balance_penalty,
     bernoulli_kl,
+    firing_sums,
     eval_active_count,
     route,
     routing_regularizers,
@@ -42,23 +43,56 @@ def test_bernoulli_kl_matches_torch_distributions():
 
 
 def test_balance_penalty_value_and_gradient():
-    """sum_e KL(Bern(mean_t p_te) || Bern(k/E)); its gradient per p_te is
-    (logit(pbar_e) - logit(k/E)) / T (derived by hand)."""
+    """sum_e KL(Bern(k/E) || Bern(pbar_e)) with pbar_e = mean_t pi_te; its gradient with respect
+    to pi_te is (-q / pbar_e + (1 - q) / (1 - pbar_e)) / T (derived by hand)."""
     torch.manual_seed(0)
-    p_TE = (torch.rand(32, E, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
-    k = 2
-    value = balance_penalty(p_TE.mean(0), k)
-    pbar = p_TE.detach().mean(0)
-    q = k / E
-    ref = (pbar * torch.log(pbar / q) + (1 - pbar) * torch.log((1 - pbar) / (1 - q))).sum()
+    T, k = 32, 2
+    logits_TE = (torch.randn(T, E, dtype=torch.float64) * 1.5).requires_grad_()
+    tau = 0.7
+    sums_2E = firing_sums(logits_TE, tau)
+    value = balance_penalty(sums_2E[0] / T, sums_2E[1] / T, k)
+    pi = torch.sigmoid(logits_TE.detach() / tau)
+    pbar, q = pi.mean(0), k / E
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Bernoulli(probs=torch.full_like(pbar, q)),
+        torch.distributions.Bernoulli(probs=pbar)).sum()
     torch.testing.assert_close(value.double(), ref)
     value.backward()
-    logit = lambda x: math.log(x / (1 - x)) if isinstance(x, float) else torch.log(x / (1 - x))
-    expected = ((logit(pbar) - logit(q)) / 32).expand(32, E)
-    torch.testing.assert_close(p_TE.grad, expected)
+    d_pi = ((-q / pbar + (1 - q) / (1 - pbar)) / T).expand(T, E)
+    torch.testing.assert_close(logits_TE.grad, d_pi * pi * (1 - pi) / tau)
     # Zero exactly at the prior, positive away from it.
-    assert balance_penalty(torch.full((E,), q), k).abs() < 1e-6
-    assert balance_penalty(torch.tensor([1.0] + [0.0] * (E - 1)), 1) > 1.0
+    assert balance_penalty(torch.full((E,), q), torch.full((E,), 1 - q), k).abs() < 1e-6
+    assert balance_penalty(torch.tensor([1.0 - 1e-6] + [1e-6] * (E - 1)),
+                           torch.tensor([1e-6] + [1.0 - 1e-6] * (E - 1)), 1) > 1.0
+
+
+def test_a_dead_gate_recovers_under_the_balance_term():
+    """A gate driven far below every clamp (logit -1000 at tau 0.3, so pi underflows in any float
+    format) still gets the full balance gradient, d/db = -(k/E) / tau, and descent on the balance
+    term alone brings its firing rate back to the prior k/E. Under release 0.1's posterior-first
+    KL (p clamped at 1e-6) the same gate had no gradient at all."""
+    torch.manual_seed(1)
+    T, k, tau = 256, 2, 0.3
+    scores_TE = torch.randn(T, E) * 0.5
+    bias = torch.zeros(E)
+    bias[3] = -1e3
+    bias.requires_grad_()
+    sums = firing_sums(scores_TE + bias, tau)
+    balance_penalty(sums[0] / T, sums[1] / T, k).backward()
+    assert bias.grad[3].item() == pytest.approx(-(k / E) / tau, rel=1e-3)
+    flat = bias.detach().clone().requires_grad_()
+    bernoulli_kl(torch.sigmoid((scores_TE + flat) / tau).mean(0), k / E).sum().backward()
+    assert flat.grad[3] == 0.0
+    optimiser = torch.optim.Adam([bias], lr=20.0)
+    decay = torch.optim.lr_scheduler.ExponentialLR(optimiser, 0.985)
+    for _ in range(400):
+        optimiser.zero_grad()
+        sums = firing_sums(scores_TE + bias, tau)
+        balance_penalty(sums[0] / T, sums[1] / T, k).backward()
+        optimiser.step()
+        decay.step()
+    rate_E = torch.sigmoid((scores_TE + bias.detach()) / tau).mean(0)
+    torch.testing.assert_close(rate_E, torch.full((E,), k / E), atol=1e-3, rtol=0)
 
 
 def test_count_penalty_equals_exact_expected_squared_miss():
