@@ -6,13 +6,14 @@ on the batch host (and for ``DRY_RUN=1`` on the login node) with exactly the arg
 hand to every rank. The check prints the resolved layout, batch arithmetic and model size, and
 exits with status 2 and a message naming the flag to change when the layout cannot work.
 
-Pure Python (no torch, no Megatron), so it runs in a second on any Python >= 3.10 with the
-repository on ``PYTHONPATH``, including a login node or the host side of a container job.
-Defaults are resolved like the entry point does (Megatron's < the paper's < ``--preset`` < the
-command line) by reading ``megatron_dirmoe.training.arguments``' tables.
+Where megatron-core is importable (the training environment), ``check`` runs the entry point's
+own start-up parse and checks (`megatron_dirmoe.training.arguments.parse_pretrain_args`, minus
+what depends on the machine it runs on), so the dry run rejects exactly what a job would: bad
+layouts, bad ``--dirmoe-*`` values, Megatron flags the entry point refuses. Elsewhere (a bare
+Python on the batch host of a container job) it falls back to the layout rules alone, in pure
+Python, and says so. The parameter estimate below is always pure Python.
 
-The rules themselves live in `megatron_dirmoe.layout` (`check_layout`), which the training entry
-point also calls at start-up: the dry run and the job apply the same rules.
+The layout rules live in `megatron_dirmoe.layout` (`check_layout`).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph-impl", default="none")
     p.add_argument("--cuda-graph-modules", nargs="*", default=[])
     for flag in ("--sequence-parallel", "--group-query-attention", "--swiglu",
-                 "--untie-embeddings-and-output-weights", "--moe-pad-expert-input-to-capacity"):
+                 "--untie-embeddings-and-output-weights", "--moe-pad-expert-input-to-capacity",
+                 "--enable-cuda-graph", "--external-cuda-graph"):
         p.add_argument(flag, action="store_true", default=None)
     p.add_argument("--preset", default=None)
     p.add_argument("--dirmoe-router", default="dirichlet")
@@ -185,6 +187,42 @@ def _summary(layout: Layout, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+_NO_MEGATRON = "megatron-core not importable"
+
+
+def entry_point_check(pretrain_args: Sequence[str], world_size: int):
+    """Run the entry point's own start-up parse and checks
+    (`megatron_dirmoe.training.arguments.parse_pretrain_args`, for another machine) on a command
+    line: None when the job would start, the reason when it would refuse, or `_NO_MEGATRON`
+    when megatron-core cannot be imported here."""
+    import contextlib
+    import io
+
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("megatron.training") is None:
+            return _NO_MEGATRON
+    except ImportError:  # no `megatron` package at all
+        return _NO_MEGATRON
+    from megatron_dirmoe.training.arguments import parse_pretrain_args
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            parse_pretrain_args(list(pretrain_args), validate=False, this_machine=False,
+                                world_size=world_size)
+    except SystemExit as exc:
+        if not exc.code:
+            return None
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        message = lines[-1] if lines else f"exit status {exc.code}"
+        return message.split(": error: ", 1)[-1]
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_dirmoe.launch", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,7 +245,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pretrain_args = pretrain_args[1:]
     try:
         args = resolve_args(pretrain_args)
-        layout = check_layout(args, opts.world_size)
+        problem = entry_point_check(pretrain_args, opts.world_size)
+        if problem is None:
+            layout = check_layout(args, opts.world_size)
+        elif problem is _NO_MEGATRON:
+            layout = check_layout(args, opts.world_size)
+            print("note: megatron-core is not importable by this Python: checked the layout "
+                  "rules only; the job's start-up applies the entry point's other checks "
+                  "(set CHECK_PYTHON to the training environment's python for all of them)",
+                  file=sys.stderr)
+        else:
+            raise LayoutError(problem)
     except LayoutError as exc:
         print(f"layout check failed: {exc}", file=sys.stderr)
         return 2

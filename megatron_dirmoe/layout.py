@@ -25,6 +25,7 @@ Rules (Megatron-Core 0.19 ``parallel_state.initialize_model_parallel`` and
 * experts split evenly: num_experts % EP == 0;
 * batch: global % (micro x DP) == 0; the quotient is the number of micro-batches per step;
 * num_layers % PP == 0 (unless uneven first/last stages are given), heads and query groups % TP;
+* no context parallelism (CP = 1) yet;
 * DirMoE: a variable-k token dispatcher, ``--moe-router-topk`` equal to DirMoE's ``max_active``,
   sequence parallelism when TP > 1, no Megatron capacity factor, no CUDA graphs over the MoE
   layer.
@@ -171,15 +172,36 @@ def validate_layout(
     captured = _cuda_graph_moe_modules(config)
     if captured:
         raise LayoutError(
-            f"--cuda-graph-impl {_get(config, 'cuda_graph_impl')!r} would capture {captured}: "
+            f"{_cuda_graph_flag(config)} would capture {captured}: "
             "DirMoE's variable-k dispatch has data-dependent shapes and one host sync per MoE "
             "layer; restrict --cuda-graph-modules to attn/mlp or use --cuda-graph-impl none"
         )
 
 
+def _cuda_graph_impl(config: Any) -> str:
+    """``--cuda-graph-impl``, or what Megatron's validate_args makes of the deprecated
+    ``--enable-cuda-graph`` (local) / ``--external-cuda-graph`` (transformer_engine): this check
+    runs before that conversion."""
+    impl = _get(config, "cuda_graph_impl", default="none")
+    if impl == "none":
+        if _get(config, "enable_cuda_graph", default=False):
+            return "local"
+        if _get(config, "external_cuda_graph", default=False):
+            return "transformer_engine"
+    return impl
+
+
+def _cuda_graph_flag(config: Any) -> str:
+    impl = _cuda_graph_impl(config)
+    if impl != _get(config, "cuda_graph_impl", default="none"):
+        old = "--enable-cuda-graph" if impl == "local" else "--external-cuda-graph"
+        return f"{old} (--cuda-graph-impl {impl!r})"
+    return f"--cuda-graph-impl {impl!r}"
+
+
 def _cuda_graph_moe_modules(config: Any) -> list:
     """What part of the MoE layer CUDA graphs would capture (empty: none)."""
-    impl = _get(config, "cuda_graph_impl", default="none")
+    impl = _cuda_graph_impl(config)
     if impl == "none":
         return []
     if impl == "full_iteration":
@@ -245,6 +267,13 @@ def check_layout(args: Any, world_size: int) -> Layout:
     heads = _require("--num-attention-heads", args.num_attention_heads)
     seq = _require("--seq-length", args.seq_length)
 
+    if cp > 1:
+        # SDPAttention (local spec) has no context parallelism, and the CUDA path's batch and
+        # metric code has not been run with CP: refuse it here, before any rank starts.
+        raise LayoutError(
+            f"--context-parallel-size {cp}: context parallelism is not supported by the DirMoE "
+            "entry point yet; use --context-parallel-size 1 (shard long sequences with TP+SP)"
+        )
     _check_grid(num_experts, world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp)
     dp = world_size // (tp * pp * cp)
     expert_dp = world_size // (etp * ep * pp)

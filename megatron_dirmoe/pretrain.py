@@ -18,6 +18,7 @@ warm-up then cosine, clipping 1.0, seed 1234, bf16 on CUDA with fp32 router math
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -35,7 +36,13 @@ def main(argv: Optional[Sequence[str]] = None):
     _check_wandb(args)
     if args.dirmoe_use_cuda:
         from megatron_dirmoe.training.gpu import pretrain_on_cuda
+        from megatron_dirmoe.training.world import single_process_rendezvous
 
+        # No launcher: a world of one on this GPU (megatron.training rendezvouses via env://).
+        if single_process_rendezvous():
+            print(f"[dirmoe] no launcher (WORLD_SIZE unset): one process on cuda:0, rendezvous "
+                  f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}; use torchrun "
+                  "--nproc-per-node N for N GPUs", flush=True)
         return pretrain_on_cuda(args)
 
     from megatron.training.global_vars import set_global_variables, unset_global_variables

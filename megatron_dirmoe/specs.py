@@ -16,8 +16,10 @@ from typing import Any, Callable, Optional
 from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
+    get_gpt_decoder_layer_specs,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
+    get_gpt_mtp_block_spec,
 )
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
@@ -34,6 +36,8 @@ __all__ = [
     "dirichlet_router_builder",
     "get_dirmoe_layer_spec",
     "get_dirmoe_decoder_block_spec",
+    "get_dirmoe_mtp_block_spec",
+    "with_dirmoe_routers",
     "te_available",
 ]
 
@@ -156,6 +160,20 @@ def get_dirmoe_layer_spec(
     return _dirmoe_moe_layer(swap_router(spec, dirichlet_router_builder(dirmoe_config)))
 
 
+def with_dirmoe_routers(spec: Any, dirmoe_config: Optional[DirMoEConfig] = None, *,
+                        use_te: bool, router: Optional[Callable[..., Any]] = None) -> Any:
+    """Any Megatron layer/block spec with DirMoE routers and the variable-k MoE layer in its MoE
+    layers (or `router`, e.g. `TopKRouter`, for baselines), made CPU-capable when it is a local
+    (non-TE) spec. Used for the ready specs, MTP layers and a user's ``--spec``."""
+    if not use_te:
+        spec = _cpu_capable(spec)
+    if router is None:
+        router = dirichlet_router_builder(dirmoe_config or DirMoEConfig())
+        spec = _dirmoe_moe_layer(spec)
+    # A pipeline stage may hold only dense layers (e.g. --moe-layer-freq [0,1] with PP=2).
+    return swap_router(spec, router, require_moe=False)
+
+
 def get_dirmoe_decoder_block_spec(
     config: TransformerConfig,
     dirmoe_config: Optional[DirMoEConfig] = None,
@@ -164,22 +182,49 @@ def get_dirmoe_decoder_block_spec(
     vp_stage: Optional[int] = None,
     pp_rank: Optional[int] = None,
     router: Optional[Callable[..., Any]] = None,
+    qk_l2_norm: bool = False,
 ):
     """Decoder block spec (dense and MoE layers per `config.moe_layer_freq`, final norm) with
     DirMoE routers. Pass `router` (e.g. Megatron's `TopKRouter`) to build the same model with
-    another router on the same pipeline, for baselines."""
+    another router on the same pipeline, for baselines. `qk_l2_norm` is Megatron's
+    ``--qk-l2-norm`` (a spec argument as well as a config field)."""
     te = _use_te(use_te)
     spec = get_gpt_decoder_block_spec(
         config,
         use_transformer_engine=te,
         normalization=config.normalization,
+        qk_l2_norm=qk_l2_norm,
         vp_stage=vp_stage,
         pp_rank=pp_rank,
     )
-    if not te:
-        spec = _cpu_capable(spec)
-    if router is None:
-        router = dirichlet_router_builder(dirmoe_config or DirMoEConfig())
-        spec = _dirmoe_moe_layer(spec)
-    # A pipeline stage may hold only dense layers (e.g. --moe-layer-freq [0,1] with PP=2).
-    return swap_router(spec, router, require_moe=False)
+    return with_dirmoe_routers(spec, dirmoe_config, use_te=te, router=router)
+
+
+def get_dirmoe_mtp_block_spec(
+    config: TransformerConfig,
+    dirmoe_config: Optional[DirMoEConfig] = None,
+    *,
+    use_te: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+    router: Optional[Callable[..., Any]] = None,
+    qk_l2_norm: bool = False,
+    layer_spec: Any = None,
+):
+    """Multi-token prediction block spec (``--mtp-num-layers``, DeepSeek-V3) whose transformer
+    layer is the decoder's last layer -- a DirMoE MoE layer when that layer is MoE -- as
+    Megatron-LM's ``gpt_builder`` does; None on stages without MTP layers.
+
+    `layer_spec` is the decoder spec to take the last layer from (default: the full decoder's
+    layer specs from `config`, so a pipeline stage without decoder layers still gets one)."""
+    te = _use_te(use_te)
+    if layer_spec is None or not getattr(layer_spec, "layer_specs", True):
+        layer_spec = get_gpt_decoder_layer_specs(
+            config, use_transformer_engine=te, normalization=config.normalization,
+            qk_l2_norm=qk_l2_norm)[-1]
+    elif hasattr(layer_spec, "layer_specs"):
+        layer_spec = layer_spec.layer_specs[-1]
+    spec = get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=te,
+                                  vp_stage=vp_stage)
+    if spec is None:
+        return None
+    return with_dirmoe_routers(spec, dirmoe_config, use_te=te, router=router)

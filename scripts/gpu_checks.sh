@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run, on one GPU, within about 8 minutes: the GPU test
+# Every GPU check of the project in one run, on one GPU, within about 9 minutes: the GPU test
 # suite, the router / MoE-layer / end-to-end benchmarks against Megatron's TopKRouter, a
-# one-GPU torchrun of the entry point, and the dry run of every Slurm script.
+# one-GPU torchrun of the entry point, one process without a launcher, MTP with DirMoE layers,
+# the torch build chosen for the driver, and the dry run of every Slurm script.
 #
 #   bash scripts/gpu_checks.sh [RESULTS_DIR]        # default $OUT, else ./gpu_results
 #
@@ -39,6 +40,16 @@ STEP_TIMEOUT=360 step bench_e2e "$python" scripts/bench_e2e.py --size small --st
 step torchrun_1gpu "$python" -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m megatron_dirmoe.pretrain --preset tiny --dirmoe-device cuda --train-iters 20 \
   --log-interval 5 --eval-interval 20 --save "$out/tiny_ckpt" --load "$out/tiny_ckpt"
+# One process on one GPU with no launcher (WORLD_SIZE unset): the entry point sets the rendezvous.
+step one_gpu_no_launcher env -u WORLD_SIZE -u RANK -u LOCAL_RANK -u MASTER_ADDR -u MASTER_PORT \
+  "$python" -m megatron_dirmoe.pretrain --preset tiny --dirmoe-device cuda --train-iters 10 \
+  --log-interval 5 --eval-interval 10 --save "$out/no_launcher_ckpt" --load "$out/no_launcher_ckpt"
+# Multi-token prediction with DirMoE MoE layers on megatron.training's CUDA path.
+step mtp_1gpu "$python" -m torch.distributed.run --standalone --nproc-per-node 1 \
+  -m megatron_dirmoe.pretrain --preset tiny --dirmoe-device cuda --mtp-num-layers 1 \
+  --train-iters 20 --log-interval 5 --eval-interval 20 --save "$out/mtp_ckpt" --load "$out/mtp_ckpt"
+# Which torch build setup_venv.sh would install for this node's driver (empty: the lock's).
+step install_plan "$python" scripts/install_plan.py torch-index
 for script in slurm/small.sh slurm/small_k2.sh slurm/medium.sh slurm/large.sh; do
   step "dry_run_$(basename "$script" .sh)" env DRY_RUN=1 PYTHON="$python" bash "$script"
 done

@@ -5,6 +5,9 @@
 # Versions come from constraints.txt (the ones the tests passed with); DIRMOE_UNPINNED=1 resolves
 # the newest releases instead, to see the next break before users do.
 # Python 3.12 is found on PATH or among pyenv's versions (megatron-core 0.19 needs >= 3.12).
+# A GPU driver older than the lock's CUDA 13 torch gets the same torch version built for a CUDA
+# it runs (DIRMOE_TORCH_INDEX_URL overrides the index). Inside a container or environment that
+# already has a CUDA torch (NGC), use scripts/install_into_env.sh instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +43,19 @@ constraints=(-c constraints.txt)
 if [ "${DIRMOE_UNPINNED:-0}" = "1" ]; then
   constraints=()
   echo "setup_venv.sh: DIRMOE_UNPINNED=1, resolving the newest releases (not constraints.txt)"
+else
+  # The lock's torch is a CUDA 13 build. On a GPU whose driver supports an older CUDA, install
+  # the locked torch version built for the newest CUDA that driver runs (PyTorch's index), then
+  # pin that torch and its CUDA wheels instead of the lock's (scripts/install_plan.py).
+  torch_index=${DIRMOE_TORCH_INDEX_URL:-$(.venv/bin/python scripts/install_plan.py torch-index)}
+  if [ -n "$torch_index" ]; then
+    torch_pin=$(grep -E '^torch==' constraints.txt)
+    echo "setup_venv.sh: installing $torch_pin from $torch_index (CUDA build chosen for this driver)"
+    .venv/bin/python -m pip install --quiet --index-url "$torch_index" "$torch_pin"
+    pins=.venv/dirmoe_constraints.txt
+    .venv/bin/python scripts/install_plan.py constraints --python .venv/bin/python > "$pins"
+    constraints=(-c "$pins")
+  fi
 fi
 .venv/bin/python -m pip install --quiet "${constraints[@]}" -e ".${extra}"
 .venv/bin/python -c 'import megatron.core, megatron_dirmoe; print("megatron-core", megatron.core.__version__, "| megatron_dirmoe", megatron_dirmoe.__version__)'

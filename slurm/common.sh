@@ -115,7 +115,9 @@ dirmoe_resolve_world() {
     WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
   fi
   if [[ -n ${SLURM_JOB_NODELIST:-} ]]; then
-    MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+    # sed reads the whole list: `head -n 1` can exit first and SIGPIPE scontrol (status 141
+    # under pipefail, which stops the batch script).
+    MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}
   fi
   MASTER_ADDR=${MASTER_ADDR:-localhost}
   # One port per job (stable across requeues of the same job id), away from common services.

@@ -110,21 +110,22 @@ def parse_megatron_args(argv: list[str], world_size: int = 1) -> Namespace:
 def resolve_checkpoint_dir(path: Union[str, Path], iteration: Optional[int] = None) -> Path:
     """The `iter_XXXXXXX` directory to read: `path` itself if it is one, else the iteration
     named by `iteration` or by `path/latest_checkpointed_iteration.txt`."""
-    from megatron_dirmoe.training.checkpointing import (checkpoint_dir, latest_iteration,
+    from megatron_dirmoe.training.checkpointing import (checkpoint_dir, latest_checkpoint_dir,
                                                         tracker_file)
 
     path = Path(path)
     if (path / "metadata.json").exists() and iteration is None:
         return path
     if iteration is None:
-        iteration = latest_iteration(path)
-        if iteration is None:
+        ckpt = latest_checkpoint_dir(path)  # iter_NNNNNNN, or release
+        if ckpt is None:
             raise FileNotFoundError(
                 f"{path} is neither a distributed checkpoint directory (no metadata.json) nor a "
                 f"save directory (no {tracker_file(path).name}); pass --iteration or the iter_* "
                 "directory"
             )
-    ckpt = checkpoint_dir(path, iteration)
+    else:
+        ckpt = checkpoint_dir(path, iteration)
     if not (ckpt / "metadata.json").exists():
         raise FileNotFoundError(f"{ckpt} is not a distributed checkpoint (no metadata.json)")
     return ckpt

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_dirmoe.config import add_dirmoe_args, dirmoe_config_from_args
-from megatron_dirmoe.layout import LayoutError, check_layout, megatron_topk_for
+from megatron_dirmoe.layout import check_layout, megatron_topk_for
 
 __all__ = [
     "PAPER_DEFAULTS",
@@ -27,6 +27,7 @@ __all__ = [
     "add_launcher_args",
     "build_parser",
     "parse_pretrain_args",
+    "startup_checks",
 ]
 
 # The paper's optimisation recipe (AdamW, lr 1e-4, weight decay 1e-2, 1% warm-up then cosine to
@@ -147,9 +148,17 @@ def _cuda_available() -> bool:
 
 
 def parse_pretrain_args(
-    argv: Optional[Sequence[str]] = None, *, validate: bool = True
+    argv: Optional[Sequence[str]] = None, *, validate: bool = True, this_machine: bool = True,
+    world_size: Optional[int] = None,
 ) -> argparse.Namespace:
-    """Parse and complete the command line.
+    """Parse, complete and check the command line: every start-up refusal of the entry point
+    happens here, so ``python -m megatron_dirmoe.launch check`` (the Slurm scripts' ``DRY_RUN=1``)
+    rejects exactly what a job would by calling this same function.
+
+    ``this_machine=False`` checks a job for other machines (the dry run on a login node): it
+    skips what depends on this one (is CUDA usable for the launcher's ranks, is Transformer
+    Engine or apex importable, preparing the embedded corpus) and treats ``--dirmoe-device auto``
+    as the GPU path. ``world_size`` overrides ``WORLD_SIZE``.
 
     Returns Megatron's namespace (validated by `validate_args` when ``validate``) with
     ``args.dirmoe_use_cuda`` (which path trains), ``args.dirmoe_config`` (the validated
@@ -164,7 +173,8 @@ def parse_pretrain_args(
     defaults = dict(PAPER_DEFAULTS)
     if pre.preset is not None:
         defaults.update(PRESETS[pre.preset])
-    use_cuda = {"auto": _cuda_available(), "cuda": True, "cpu": False}[pre.dirmoe_device]
+    auto = _cuda_available() if this_machine else True
+    use_cuda = {"auto": auto, "cuda": True, "cpu": False}[pre.dirmoe_device]
     if use_cuda and pre.dirmoe_bf16_default and not ({"--fp16", "--bf16"} & given):
         defaults["bf16"] = True
     parser.set_defaults(**defaults)
@@ -174,7 +184,14 @@ def parse_pretrain_args(
     # Megatron expects these like its own parse_args sets them.
     args._is_global_batch_size_explicitly_specified = args.global_batch_size is not None
     args.rank = int(os.getenv("RANK", "0"))
-    args.world_size = int(os.getenv("WORLD_SIZE", "1"))
+    args.world_size = int(os.getenv("WORLD_SIZE", "1")) if world_size is None else world_size
+    if this_machine:
+        from megatron_dirmoe.training.world import LaunchError, check_device_for_world
+
+        try:  # never N silent single-process CPU runs under a launcher
+            check_device_for_world(pre.dirmoe_device, use_cuda, args.world_size)
+        except LaunchError as exc:
+            parser.error(str(exc))
 
     if args.train_iters is None:
         parser.error("--train-iters is required (the DirMoE schedules are defined over it)")
@@ -193,20 +210,22 @@ def parse_pretrain_args(
 
     if not use_cuda:
         _cpu_overrides(args, given)
-    elif args.transformer_impl == "transformer_engine" and not _te_available():
+    elif (this_machine and args.transformer_impl == "transformer_engine"
+          and not _te_available()):
         if args.rank == 0:
             print("[dirmoe] Transformer Engine not importable: --transformer-impl local",
                   flush=True)
         args.transformer_impl = "local"
     if args.transformer_impl == "local":
         args.apply_rope_fusion = False  # needs TE
-    if args.gradient_accumulation_fusion and not _module_available("fused_weight_gradient_mlp_cuda"):
+    if (this_machine and args.gradient_accumulation_fusion
+            and not _module_available("fused_weight_gradient_mlp_cuda")):
         args.gradient_accumulation_fusion = False  # needs apex's CUDA extension
-    try:  # the rules `python -m megatron_dirmoe.launch check` (DRY_RUN=1) applies too
-        check_layout(args, args.world_size)
-    except LayoutError as exc:
+    try:
+        startup_checks(args)
+    except ValueError as exc:
         parser.error(str(exc))
-    if not (set(_DATA_FLAGS) & given):
+    if this_machine and not (set(_DATA_FLAGS) & given):
         _use_embedded_corpus(args, given)
 
     if validate:
@@ -220,6 +239,27 @@ def parse_pretrain_args(
         with quiet:
             validate_args(args, {})
     return args
+
+
+def startup_checks(args: argparse.Namespace) -> None:
+    """What the entry point refuses before anything is built, beyond the parser's own errors:
+    the parallel layout and batch arithmetic on ``args.world_size`` ranks
+    (`megatron_dirmoe.layout.check_layout`), Megatron model flags it cannot honour
+    (`megatron_dirmoe.training.model_flags`) and an unimportable ``--spec``. Raises
+    `ValueError` naming the flag."""
+    from megatron_dirmoe.training.model_flags import check_model_flags
+
+    check_layout(args, args.world_size)
+    check_model_flags(args)
+    if getattr(args, "spec", None):
+        import importlib
+
+        if len(args.spec) != 2:
+            raise ValueError(f"--spec {' '.join(args.spec)}: give a module path and a name")
+        try:
+            getattr(importlib.import_module(args.spec[0]), args.spec[1])
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"--spec {' '.join(args.spec)}: cannot import it ({exc})") from exc
 
 
 def _module_available(name: str) -> bool:

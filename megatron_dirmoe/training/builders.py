@@ -53,4 +53,38 @@ def build_model_from_args(args: argparse.Namespace, config=None, *, pre_process:
         rotary_base=args.rotary_base,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         vp_stage=vp_stage,
+        rotary_percent=args.rotary_percent,
+        rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        qk_l2_norm=bool(getattr(args, "qk_l2_norm", False)),
+        layer_spec=user_layer_spec(args, config, vp_stage),
+        pg_collection=pg_collection,
     )
+
+
+def user_layer_spec(args: argparse.Namespace, config=None, vp_stage: Optional[int] = None):
+    """Megatron's ``--spec MODULE NAME``: the named layer/block spec (a `ModuleSpec` or
+    `TransformerBlockSubmodules`, or a function of the `TransformerConfig` returning one), or
+    None without the flag. Import errors name the flag."""
+    spec_path = getattr(args, "spec", None)
+    if not spec_path:
+        return None
+    import importlib
+    import inspect
+
+    if len(spec_path) != 2:
+        raise ValueError(f"--spec {' '.join(spec_path)}: give a module path and a name, e.g. "
+                         "--spec my_specs dirmoe_layer_spec")
+    module_path, name = spec_path
+    try:
+        spec = getattr(importlib.import_module(module_path), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--spec {module_path} {name}: cannot import it ({exc})") from exc
+    if inspect.isfunction(spec):
+        if config is None:
+            config = transformer_config_from_args(args)
+        kwargs = {"vp_stage": vp_stage} if "vp_stage" in inspect.signature(spec).parameters else {}
+        spec = spec(config, **kwargs)
+    return spec

@@ -46,6 +46,8 @@ __all__ = [
     "tracker_file",
     "checkpoint_dir",
     "latest_iteration",
+    "read_tracker",
+    "latest_checkpoint_dir",
     "write_tracker",
     "save_cpu_checkpoint",
     "load_cpu_checkpoint",
@@ -66,11 +68,12 @@ def tracker_file(root: str | os.PathLike) -> Path:
     return Path(get_checkpoint_tracker_filename(str(root)))
 
 
-def checkpoint_dir(root: str | os.PathLike, iteration: int) -> Path:
-    """``<root>/iter_0000NNN``, the distributed-checkpoint directory of `iteration`."""
+def checkpoint_dir(root: str | os.PathLike, iteration: int, release: bool = False) -> Path:
+    """``<root>/iter_0000NNN``, the distributed-checkpoint directory of `iteration`
+    (``<root>/release`` for a release checkpoint)."""
     from megatron.training.checkpointing import get_checkpoint_name
 
-    return Path(get_checkpoint_name(str(root), iteration, return_base_dir=True))
+    return Path(get_checkpoint_name(str(root), iteration, release, return_base_dir=True))
 
 
 def write_tracker(root: str | os.PathLike, iteration: int) -> None:
@@ -82,17 +85,34 @@ def write_tracker(root: str | os.PathLike, iteration: int) -> None:
     os.replace(tmp, tracker)
 
 
-def latest_iteration(root: Optional[str | os.PathLike]) -> Optional[int]:
-    """The iteration in ``<root>/latest_checkpointed_iteration.txt``, or None."""
+def read_tracker(root: Optional[str | os.PathLike]) -> Optional[tuple[int, bool]]:
+    """``(iteration, release)`` from ``<root>/latest_checkpointed_iteration.txt``, as
+    megatron.training reads it: a number, or ``release`` (a released model in
+    ``<root>/release``, loaded as iteration 0 without optimizer state); None without a tracker."""
     if root is None:
         return None
     tracker = tracker_file(root)
     if not tracker.is_file():
         return None
     text = tracker.read_text().strip()
+    if text == "release":
+        return 0, True
     if not text.isdigit():
-        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
-    return int(text)
+        raise ValueError(f"{tracker}: expected an iteration number or 'release', found {text!r}")
+    return int(text), False
+
+
+def latest_iteration(root: Optional[str | os.PathLike]) -> Optional[int]:
+    """The iteration in ``<root>/latest_checkpointed_iteration.txt`` (0 for ``release``), or
+    None."""
+    found = read_tracker(root)
+    return None if found is None else found[0]
+
+
+def latest_checkpoint_dir(root: Optional[str | os.PathLike]) -> Optional[Path]:
+    """The checkpoint directory the tracker names (``iter_NNNNNNN`` or ``release``), or None."""
+    found = read_tracker(root)
+    return None if found is None else checkpoint_dir(root, *found)
 
 
 def capture_rng_state() -> dict:
@@ -168,15 +188,24 @@ def load_cpu_checkpoint(root, model, optimizer=None, scheduler=None, *, iteratio
     ``iteration``'s) checkpoint; returns the common state (``iteration``, ``args``, ...)."""
     from megatron.core import dist_checkpointing
 
+    release = False
     if iteration is None:
-        iteration = latest_iteration(root)
-        if iteration is None:
+        found = read_tracker(root)
+        if found is None:
             raise FileNotFoundError(f"no {tracker_file(root).name} under {root}")
-    directory = checkpoint_dir(root, iteration)
+        iteration, release = found
+    directory = checkpoint_dir(root, iteration, release)
     with _cpu_device_without_cuda():
         common = dist_checkpointing.load_common_state_dict(str(directory))
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))
     model.load_state_dict(loaded["model"])
+    if release:
+        # As megatron.training: a released model starts a new run (iteration 0, fresh
+        # optimizer, schedule and data position).
+        common = {key: value for key, value in common.items()
+                  if key not in ("optimizer", "opt_param_scheduler", "rng_state")}
+        common.update(iteration=0, consumed_train_samples=0, dirmoe_release=True)
+        return common
     if optimizer is not None and "optimizer" in common:
         optimizer.load_state_dict(common["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in common:
@@ -246,10 +275,9 @@ def read_checkpoint_args(root) -> Optional["argparse.Namespace"]:
     there is none or it cannot be read this way."""
     from megatron.core import dist_checkpointing
 
-    iteration = latest_iteration(root) if root is not None else None
-    if iteration is None:
+    directory = latest_checkpoint_dir(root)
+    if directory is None:
         return None
-    directory = checkpoint_dir(root, iteration)
     try:
         with _cpu_device_without_cuda():
             return dist_checkpointing.load_common_state_dict(str(directory)).get("args")

@@ -107,7 +107,9 @@ def batch_from_dataset(dataset, start: int, size: int,
 
 
 def _micro_batch_loss(model, batch) -> torch.Tensor:
-    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # loss_mask reaches the multi-token-prediction heads (--mtp-num-layers), as in pretrain_gpt.
+    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   loss_mask=batch["loss_mask"])
     mask = batch["loss_mask"].float()
     return (losses.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -124,6 +126,28 @@ def _evaluate(model, dataset, args, device="cpu") -> float:
         count += 1
     model.train()
     return total / max(count, 1)
+
+
+def _init_mtp_tracker(num_layers: int, device) -> None:
+    """Megatron's MTP loss tracker allocates its sums on ``torch.cuda.current_device()`` at the
+    first record; start them on this loop's device instead (zeros, as Megatron's)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    tracker.clear()
+    for key in ("loss_values", "correct_values", "total_values"):
+        tracker[key] = torch.zeros(num_layers, device=device)
+
+
+def _pop_mtp_losses(loss_scale: float) -> list[float]:
+    """This step's MTP losses (mean over micro-batches, one per MTP depth), then clear the
+    tracker (one process: nothing to reduce)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    values = [float(v) * loss_scale for v in tracker["loss_values"]]
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+    return values
 
 
 def _fmt_time(seconds: float) -> str:
@@ -155,6 +179,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     ``device="cuda"`` runs the same single-process loop on one GPU (fp32, local spec: what the
     router comparison uses so every router trains in one identical loop)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
     from megatron.training.global_vars import get_tensorboard_writer, get_tokenizer, get_wandb_writer
 
     from megatron_dirmoe.baselines import update_expert_biases
@@ -166,6 +191,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     from megatron_dirmoe.layout import moe_layer_numbers
     from megatron_dirmoe.throughput import log_throughput, meter_for_run
     from megatron_dirmoe.training.builders import build_model_from_args
+    from megatron_dirmoe.training.loss import LossChecks
     from megatron_dirmoe.training.checkpointing import (
         check_resume_config,
         latest_iteration,
@@ -202,17 +228,26 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
         raise ValueError(f"--global-batch-size ({args.global_batch_size}) must be a multiple of "
                          f"--micro-batch-size ({args.micro_batch_size}) on one CPU process")
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_micro))
+    mtp_layers = args.mtp_num_layers or 0
+    if mtp_layers:
+        _init_mtp_tracker(mtp_layers, device)
+        MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_micro))
+    loss_checks = LossChecks(args)
 
     iteration, consumed = 0, 0
     load_root = args.load
     if load_root is not None and latest_iteration(load_root) is not None:
         common = load_cpu_checkpoint(load_root, model, optimizer, scheduler,
                                      load_rng=not args.no_load_rng)
-        check_resume_config(common.get("args"), args, load_root)
         iteration = int(common["iteration"])
         consumed = int(common["consumed_train_samples"])
-        _log(f"[dirmoe] resumed from {load_root} at iteration {iteration} "
-             f"({consumed} samples consumed)")
+        if common.get("dirmoe_release"):
+            _log(f"[dirmoe] loaded the release checkpoint of {load_root}: weights only, "
+                 "starting at iteration 0")
+        else:
+            check_resume_config(common.get("args"), args, load_root)
+            _log(f"[dirmoe] resumed from {load_root} at iteration {iteration} "
+                 f"({consumed} samples consumed)")
 
     writer, wandb_writer = get_tensorboard_writer(), get_wandb_writer()
     num_params = sum(p.numel() for p in model.parameters())
@@ -231,6 +266,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     t_start, it_start = time.time(), iteration
     window_loss, window_n = 0.0, 0
+    mtp_window: list = []
     while iteration < args.train_iters:
         t_step = time.time()
         set_router_iteration(model, iteration)
@@ -240,6 +276,9 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
             batch = batch_from_dataset(train_ds, consumed + m * args.micro_batch_size,
                                        args.micro_batch_size, device)
             loss = _micro_batch_loss(model, batch) / num_micro
+            spiky = loss_checks.check(loss.item() * num_micro, iteration + 1)
+            if spiky:
+                _log(f"[dirmoe] warning: {spiky}")
             loss.backward()
             step_loss += loss.item()
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.clip_grad).item()
@@ -264,6 +303,14 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
         meter.add_step(active)
         row = {"iteration": iteration, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"],
                "step_seconds": step_seconds}
+        if mtp_layers:
+            row["mtp_losses"] = _pop_mtp_losses(1.0 / num_micro)
+            mtp_window.append(row["mtp_losses"])
+            for i, value in enumerate(row["mtp_losses"]):
+                if writer is not None:
+                    writer.add_scalar(f"mtp_{i + 1} loss", value, iteration)
+                if wandb_writer is not None:
+                    wandb_writer.log({f"mtp_{i + 1} loss": value}, iteration)
         row.update({name: [float(v) for v in tracker.last_per_layer[name][[n - 1 for n in
                                                                            moe_layers]]]
                     for name in tracker.last_per_layer})
@@ -285,8 +332,11 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
                          + ",".join(f"{active[n - 1]:.2f}" for n in moe_layers) + " |")
             speed = meter.report(train_seconds)
             train_seconds = 0.0
+            mtp = "".join(f" mtp_{i + 1} loss {sum(r[i] for r in mtp_window) / len(mtp_window):.4f} |"
+                          for i in range(mtp_layers)) if mtp_window else ""
+            mtp_window = []
             _log(f" iteration {iteration:>6d}/{args.train_iters} | lm loss "
-                 f"{window_loss / window_n:.4f} | lr {optimizer.param_groups[0]['lr']:.3e} | "
+                 f"{window_loss / window_n:.4f} |{mtp} lr {optimizer.param_groups[0]['lr']:.3e} | "
                  f"grad norm {grad_norm:.3f} |{speed.format() if speed else ''} ETA {_fmt_time(eta)} |"
                  f"{moe_string}{per_layer}")
             log_throughput(speed, iteration, writer, wandb_writer)

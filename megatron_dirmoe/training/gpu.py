@@ -15,7 +15,9 @@ from functools import partial
 
 import torch
 
-__all__ = ["model_provider", "forward_step", "get_batch", "pretrain_on_cuda"]
+from megatron_dirmoe.training.loss import loss_func
+
+__all__ = ["model_provider", "forward_step", "get_batch", "loss_func", "pretrain_on_cuda"]
 
 _ROUTERS_BY_MODEL: dict[int, list] = {}
 
@@ -27,10 +29,25 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     from megatron_dirmoe.training.builders import build_model_from_args
 
     args = get_args()
+    if args.record_memory_history:  # as Megatron-LM's model_provider
+        _record_memory_history(args.memory_snapshot_path)
     print_rank_0(f"building DirMoE GPT model ({args.dirmoe_router} router) ...")
     return build_model_from_args(args, config, pre_process=pre_process,
                                  post_process=post_process, vp_stage=vp_stage,
                                  pg_collection=pg_collection)
+
+
+def _record_memory_history(snapshot_path: str) -> None:
+    """``--record-memory-history``: keep the last 100k allocation events with stacks and dump
+    them to ``oom_rank-<r>_<--memory-snapshot-path>`` when CUDA runs out of memory."""
+    torch.cuda.memory._record_memory_history(True, trace_alloc_max_entries=100000,
+                                             trace_alloc_record_context=True)
+
+    def on_oom(device, alloc, device_alloc, device_free):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        torch.cuda.memory._dump_snapshot(f"oom_rank-{rank}_{snapshot_path}")
+
+    torch._C._cuda_attach_out_of_memory_observer(on_oom)
 
 
 def _routers(model) -> list:
@@ -40,17 +57,6 @@ def _routers(model) -> list:
     if key not in _ROUTERS_BY_MODEL:
         _ROUTERS_BY_MODEL[key] = list(iter_dirichlet_routers(model))
     return _ROUTERS_BY_MODEL[key]
-
-
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Sum of token losses, token count and the 'lm loss' report (Megatron's per-token form:
-    its schedule divides by the tokens and micro-batches)."""
-    losses = output_tensor.view(-1).float()
-    mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses * mask)
-    num_tokens = mask.sum().clone().detach().to(torch.int)
-    report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])
-    return loss, num_tokens, {"lm loss": report}
 
 
 # What `forward_step` feeds the model; a key a pipeline stage does not need is None there.
@@ -121,6 +127,11 @@ def get_batch(data_iterator, vp_stage=None, config=None) -> dict:
 
 
 def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    """Megatron's forward step. ``return_schedule_plan`` (--overlap-moe-expert-parallel-comm)
+    is refused at start-up (`megatron_dirmoe.training.model_flags`); never silently ignored."""
+    if return_schedule_plan:
+        raise ValueError("--overlap-moe-expert-parallel-comm is not supported by DirMoE's MoE "
+                         "layer; drop the flag")
     from megatron.core.utils import get_attr_wrapped_model
     from megatron.training import get_args, get_timers
 
@@ -168,13 +179,15 @@ def pretrain_on_cuda(args: argparse.Namespace) -> None:
     from megatron_dirmoe.datasets import train_valid_test_datasets_provider
     from megatron_dirmoe.metrics import install_metrics_tracker
 
-    if args.context_parallel_size > 1:
-        raise ValueError("--context-parallel-size > 1 is not supported by the DirMoE launcher yet")
-    from megatron_dirmoe.training.checkpointing import check_resume_config, read_checkpoint_args
+    from megatron_dirmoe.training.checkpointing import (check_resume_config,
+                                                        read_checkpoint_args, read_tracker)
 
     # Before megatron.training loads the weights: a changed router config or schedule horizon
-    # would otherwise resume silently.
-    check_resume_config(read_checkpoint_args(args.load), args, args.load)
+    # would otherwise resume silently. (A release checkpoint starts a new run: nothing resumes.)
+    # --context-parallel-size > 1 is refused at start-up by megatron_dirmoe.layout.
+    saved = read_tracker(args.load)
+    if saved is not None and not saved[1]:
+        check_resume_config(read_checkpoint_args(args.load), args, args.load)
     _use_prebuilt_dataset_helpers()
     set_global_variables(args)
     tracker = install_metrics_tracker()

@@ -164,6 +164,11 @@ def run_layouts(rank: int, world_size: int, data_cache: str) -> dict:
     # Test-only: Megatron's argument validation asks the CUDA device for its architecture when
     # TP > 1 (to word a performance warning); these CPU ranks have none.
     arguments.get_device_arch_version = lambda: 0
+    # These CPU ranks stand in for the GPU ranks of a torchrun job (--dirmoe-device cuda): the
+    # start-up check that CUDA is usable for them would (rightly) stop a real CPU job.
+    from megatron_dirmoe.training import world
+
+    world.cuda_problem = lambda: None
     results, reference = {}, None
     with cuda_device_to_cpu():
         for name, flags in LAYOUTS.items():

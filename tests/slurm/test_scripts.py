@@ -24,10 +24,18 @@ PAPER = {  # the paper's optimisation recipe, as the scripts must pass it
 }
 
 
+# The interpreter this venv was made from: no megatron-core, like the bare python3 on the batch
+# host of a container job. Its launch check applies the layout rules only (a second, not the
+# entry point's full parse), which keeps these script-plumbing tests fast;
+# test_dry_run_applies_the_entry_points_checks covers the full check.
+BARE_PYTHON = getattr(sys, "_base_executable", sys.executable)
+
+
 def _env(tmp_path, **overrides) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    env.update(DRY_RUN="1", PYTHON=sys.executable, RUN_ROOT=str(tmp_path / "runs"))
+    env.update(DRY_RUN="1", PYTHON=sys.executable, CHECK_PYTHON=BARE_PYTHON,
+               RUN_ROOT=str(tmp_path / "runs"))
     env.update(overrides)
     return env
 
@@ -140,6 +148,23 @@ def test_dry_run_refuses_impossible_layouts(script, overrides, message, tmp_path
     assert "launch:" not in res.stdout
 
 
+def test_dry_run_applies_the_entry_points_checks(tmp_path):
+    """With the training environment's python (the default CHECK_PYTHON outside containers)
+    the dry run is the job's own start-up check: a Megatron flag the entry point refuses stops
+    it before srun. A python without megatron-core checks the layout only, and says so."""
+    full = dry_run("small.sh", tmp_path, CHECK_PYTHON=sys.executable,
+                   EXTRA_ARGS="--moe-router-score-function sigmoid")
+    assert full.returncode == 2, full.stdout
+    assert "--moe-router-score-function sigmoid" in full.stderr
+    assert "not supported by the DirMoE entry point" in full.stderr
+    assert "nothing was launched" in full.stderr
+    ok = dry_run("small.sh", tmp_path, CHECK_PYTHON=sys.executable)
+    assert ok.returncode == 0, ok.stderr
+    bare = dry_run("small.sh", tmp_path, EXTRA_ARGS="--moe-router-score-function sigmoid")
+    if "megatron-core is not importable" in bare.stderr:
+        assert bare.returncode == 0 and "checked the layout rules only" in bare.stderr
+
+
 def test_not_inside_slurm_without_dry_run(tmp_path):
     res = dry_run("small.sh", tmp_path, DRY_RUN="0")
     assert res.returncode == 2 and "not inside a Slurm allocation" in res.stderr
@@ -201,7 +226,8 @@ def test_entry_point_accepts_every_launch_line(tmp_path, monkeypatch):
             monkeypatch.setenv(*item.split("=", 1))
         monkeypatch.setenv("WORLD_SIZE", str(world))
         monkeypatch.setenv("RANK", "0")
-        parsed = parse_pretrain_args(args + ["--vocab-size", "32000"], validate=True)
+        parsed = parse_pretrain_args(args + ["--vocab-size", "32000"], validate=True,
+                                     this_machine=False)  # checked for the GPU nodes
         f = flags(args)
         tp, pp = int(f["--tensor-model-parallel-size"]), int(f["--pipeline-model-parallel-size"])
         assert parsed.data_parallel_size == world // (tp * pp), script

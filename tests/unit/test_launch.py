@@ -16,7 +16,7 @@ from megatron_dirmoe.launch import (
 
 MODEL = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8",
          "--moe-ffn-hidden-size", "512", "--ffn-hidden-size", "512", "--seq-length", "128",
-         "--moe-token-dispatcher-type", "alltoall"]
+         "--moe-token-dispatcher-type", "alltoall", "--train-iters", "10"]
 
 
 def layout(world: int, *extra: str):

@@ -203,3 +203,27 @@ def test_exit_reasons_follow_megatron_flags():
     args.exit_interval, args.exit_duration_in_mins = None, 2
     assert _exit_reason(args, 7, time.time() - 60) is None
     assert _exit_reason(args, 7, time.time() - 121) == "--exit-duration-in-mins 2"
+
+
+def test_release_checkpoint_loads_like_megatron_training(tmp_path, data_cache, capsys):
+    """A tracker that says `release` (a released model in <save>/release) made start-up raise;
+    megatron.training loads its weights and starts at iteration 0 with a fresh optimizer."""
+    from megatron_dirmoe.training.checkpointing import (latest_checkpoint_dir,
+                                                        read_checkpoint_args, read_tracker,
+                                                        tracker_file)
+
+    first = run(tmp_path, data_cache, "--train-iters", "2", "--save-interval", "2")
+    (tmp_path / "iter_0000002").rename(tmp_path / "release")
+    tracker_file(tmp_path).write_text("release\n")
+    assert read_tracker(tmp_path) == (0, True)
+    assert latest_checkpoint_dir(tmp_path) == tmp_path / "release"
+    assert read_checkpoint_args(tmp_path).dirmoe_target_k == 1  # the CUDA path's resume check
+    capsys.readouterr()
+    other = tmp_path / "finetune"
+    from megatron_dirmoe.pretrain import main
+
+    second = main([*TINY, "--load", str(tmp_path), "--save", str(other), "--train-iters", "1",
+                   "--dirmoe-data-cache", data_cache, "--save-interval", "1"])
+    assert "loaded the release checkpoint" in capsys.readouterr().out
+    assert list(second.losses) == [1]  # iteration 0 -> 1: a new run from the released weights
+    assert second.losses[1] < first.losses[1] - 0.05  # ... which had trained for 2 steps

@@ -111,6 +111,11 @@ RULES = (
     Rule("pip-install", r"pip install \S+", "ci",
          "installs from the network: an extra of pyproject.toml, or the optional package the "
          "code names in its error (wandb: tests/unit/test_startup_and_logs.py)"),
+    Rule("install-into-env", r"(PYTHON=\S+ )?bash scripts/install_into_env\.sh( dev)?", "ci",
+         "installs packages: tests/unit/test_install.py runs it offline into a venv that has "
+         "another torch patch version than the lock"),
+    Rule("install-plan", r"python scripts/install_plan\.py (torch-index|constraints)( .*)?",
+         "run"),
     Rule("freeze-constraints", r"bash scripts/freeze_constraints\.sh", "run"),
     Rule("pretrain-cpu", r"(dirmoe-pretrain|python -m megatron_dirmoe\.pretrain)( .*)?", "run"),
     Rule("pretrain-gpu", r"torchrun .* -m megatron_dirmoe\.pretrain .*", "parse",
@@ -220,6 +225,17 @@ def check_ci(command: str, argv: list[str], tmp_path) -> None:
         else:  # an optional package: the code that needs it says how to install it
             sources = "".join(p.read_text() for p in (REPO / "megatron_dirmoe").rglob("*.py"))
             assert f"pip install {target}" in sources, target
+
+
+def check_install_plan(argv, tmp_path) -> None:
+    """On this machine: no driver, so the lock's torch (empty output); or the pins."""
+    done = _run([sys.executable, *argv[1:]], tmp_path)
+    if argv[2] == "torch-index":
+        assert done.stdout.strip() in ("", *(
+            f"https://download.pytorch.org/whl/cu{a}{b}" for a, b in
+            _load_script(REPO / "scripts" / "install_plan.py").TORCH_CUDA_BUILDS))
+    else:
+        assert re.search(r"^torch==", done.stdout, re.M)
 
 
 def check_freeze_constraints(argv, tmp_path) -> None:
