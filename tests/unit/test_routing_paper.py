@@ -24,7 +24,7 @@ def _paper_route(spike, slab, bias, slab_bias, *, tau, training, cfg=None, gener
         alpha_floor=cfg.alpha_floor, alpha_ceiling=cfg.alpha_ceiling, leak=cfg.leak,
         route_threshold=cfg.route_threshold, max_active=cfg.max_active_for(E),
         renormalize=cfg.renormalize, training=training, rule=cfg.routing_rule,
-        fallback_k=cfg.fallback_k, posterior=cfg.posterior, slab_bias_S=slab_bias,
+        fallback_k=cfg.fallback_k, slab=cfg.slab, slab_bias_S=slab_bias,
         generator=generator,
     )
 
