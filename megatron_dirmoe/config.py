@@ -26,11 +26,28 @@ FLAG_PREFIX = "--dirmoe-"
 DEFAULT_PRIOR_RATIO = 39.7
 
 # Named recipes (`--dirmoe-recipe`); the first is the default.
-RECIPES = ("calibrated", "paper")
+RECIPES = ("calibrated", "paper", "paper-notes")
+
+# Fields whose default depends on the recipe (None in the dataclass = "the recipe's"). None here
+# means: computed from other fields (see `DirMoEConfig._resolve_recipe_defaults`). Chosen on the
+# validation split (docs/ROUTER_COMPARISON.md, "How the default was chosen").
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Near the posterior mean and without the Dirichlet KL: at the scales measured, the sampling
+    # noise and the KL cost held-out loss.
+    "calibrated": dict(posterior_scale=1000.0, kl_weight=0.0, renormalize=None,
+                       count_weight=None),
+    # The paper's values (Table 4, eq. 16); count_weight is unused by these recipes.
+    "paper": dict(posterior_scale=20.0, kl_weight=1e-2, renormalize=True, count_weight=0.1),
+    "paper-notes": dict(posterior_scale=20.0, kl_weight=1e-2, renormalize=True,
+                        count_weight=0.1),
+}
 
 # Fields added after runs first stored their resolved config, with the value those runs used:
-# a checkpoint without `recipe` trained with the paper recipe.
-IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper"}
+# a checkpoint without `recipe` trained with the notes-literal recipe (then called "paper").
+IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper-notes", "slab_mean": "head"}
+# A stored config without this field predates the three-head "paper" recipe: its "paper" is
+# today's "paper-notes".
+_FIELD_OF_THREE_HEAD_RELEASE = "tau_schedule"
 
 
 def _doc(text: str, **kwargs: Any):
@@ -53,8 +70,11 @@ class DirMoEConfig:
         "'calibrated': route where the spike gate is more likely on than off (pi = "
         "sigmoid(l / tau) >= 1/2, in training and evaluation alike; top-k when none is), "
         "penalise the expected squared miss E[(N - k)^2] of the count and balance each gate's "
-        "batch firing rate against the prior k/E; 'paper': the paper notes read "
-        "literally (route where the combined weight w >= --dirmoe-route-threshold, penalty "
+        "batch firing rate against the prior k/E; 'paper': the paper's router structure (gate "
+        "logits plus per-expert alpha_hi(x)/alpha_lo(x) heads, posterior conditioned on the "
+        "relaxed gates, relaxed weights normalize(z * theta), sparsity (sum z - k)^2 on the "
+        "sample, no balance term); 'paper-notes': the paper notes read literally (one softmax "
+        "slab head, route where the combined weight w >= --dirmoe-route-threshold, penalty "
         "(sum pi - k)^2, no balance term)",
         default="calibrated",
     )
@@ -72,11 +92,25 @@ class DirMoEConfig:
         "threshold; in (0, 1)",
         default=0.125,
     )
-    renormalize: bool = _doc(
-        "renormalise the routing probabilities over the active set", default=True
+    renormalize: Optional[bool] = _doc(
+        "renormalise the routing probabilities over the active set; default: the recipe's "
+        "(calibrated: when k >= 2, since a single renormalised weight is always 1 and would cut "
+        "the router off from the LM loss, as Megatron's top-1 needs pre-softmax; paper: on)",
+        default=None,
     )
     tau_start: float = _doc("spike (Gumbel-Sigmoid) temperature at iteration 0", default=2.0)
-    tau_end: float = _doc("spike temperature at the end of the schedule (cosine)", default=0.3)
+    tau_end: float = _doc("spike temperature at the end of the schedule (the floor tau_min of "
+                          "the exponential schedule)", default=0.3)
+    tau_schedule: str = _doc(
+        "shape of the tau_z schedule: 'cosine' from tau_start to tau_end over the horizon, or "
+        "'exponential' max(tau_end, tau_start * rho^t)",
+        default="cosine",
+    )
+    tau_decay: Optional[float] = _doc(
+        "rho of the exponential tau_z schedule, in (0, 1); default: the rho that reaches "
+        "tau_end at the end of the horizon",
+        default=None,
+    )
     prior_scale_start: float = _doc("Dirichlet prior scale lambda_p at iteration 0", default=0.5)
     prior_scale_end: float = _doc("Dirichlet prior scale lambda_p at the schedule end", default=0.3)
     prior_scale_schedule: str = _doc(
@@ -87,9 +121,11 @@ class DirMoEConfig:
         "--train-iters",
         default=None,
     )
-    posterior_scale: float = _doc(
-        "posterior concentration scale lambda_q: alpha_q = max(lambda_q * softmax(v), floor)",
-        default=20.0,
+    posterior_scale: Optional[float] = _doc(
+        "posterior concentration scale lambda_q (alpha_q = max(lambda_q * posterior mean, "
+        "floor)); default: the recipe's (calibrated 1000, i.e. near the posterior mean; paper "
+        "20, paper eq. 16)",
+        default=None,
     )
     prior_ratio: Optional[float] = _doc(
         "r = alpha_hi / alpha_lo of the spike-dependent prior; default 39.7, or derived from "
@@ -99,6 +135,23 @@ class DirMoEConfig:
     prior_mass: Optional[float] = _doc(
         "prior mean mass m on the k active experts; when set, r = m (E - k) / ((1 - m) k) "
         "(m = 0.9 gives r = 63 for E=8, k=1)",
+        default=None,
+    )
+    prior_simpson: Optional[float] = _doc(
+        "calibrator: the expected Simpson index E[sum_i theta_i^2] of the prior Dirichlet with k "
+        "experts on at the end of the schedule; sets --dirmoe-prior-scale-end in closed form. "
+        "Allowed between the Simpson index of the prior mean and 1",
+        default=None,
+    )
+    prior_mass_variance: Optional[float] = _doc(
+        "calibrator: the variance of the prior's mass on the k active experts (a Beta variable) "
+        "at the end of the schedule; sets --dirmoe-prior-scale-end in closed form. Allowed in "
+        "(0, m (1 - m)), m the prior mean mass",
+        default=None,
+    )
+    posterior_simpson: Optional[float] = _doc(
+        "calibrator: the expected Simpson index of the posterior Dirichlet at the prior's "
+        "k-active shape; sets --dirmoe-posterior-scale in closed form",
         default=None,
     )
     alpha_lo: float = _doc("prior concentration of an inactive expert (before lambda_p)", default=0.05)
@@ -111,21 +164,34 @@ class DirMoEConfig:
         "near 1e4)",
         default=1000.0,
     )
-    kl_weight: float = _doc("weight beta_theta of the Dirichlet KL term", default=1e-2)
+    kl_weight: Optional[float] = _doc(
+        "weight beta_theta of the Dirichlet KL term; default: the recipe's (calibrated 0, paper "
+        "0.01)",
+        default=None,
+    )
     sparsity_weight: float = _doc(
         "recipe 'paper' only: weight lambda_sparsity of the expected-k penalty (sum_i pi_i - k)^2",
         default=1e-2,
     )
-    count_weight: float = _doc(
+    count_weight: Optional[float] = _doc(
         "recipe 'calibrated' only: weight of the count penalty E[(N - k)^2], the expected "
-        "squared miss of the count N of gates that fire (N = sum_i Bernoulli(pi_i)); >= 0",
-        default=1e-1,
+        "squared miss of the count N of gates that fire (N = sum_i Bernoulli(pi_i)); >= 0. "
+        "Default 0.1 without renormalisation (k = 1), 0.01 with it (k >= 2), where a stronger "
+        "penalty would also flatten the weights among the active experts",
+        default=None,
     )
     balance_weight: float = _doc(
         "recipe 'calibrated' only: weight beta_z of the aggregate spike prior "
         "sum_e KL(Bern(mean_t p_te) || Bern(k/E)) over each micro-batch's tokens (balances the "
         "load); >= 0",
         default=1e-1,
+    )
+    slab_mean: str = _doc(
+        "recipe 'calibrated' only: where the Dirichlet posterior's mean comes from: 'gate' "
+        "(the softmax of the token's gate logits, so the LM loss teaches the gates through the "
+        "expert weights) or 'head' (a separate slab head, the gates learning through a "
+        "straight-through relaxed Bernoulli sample; the calibrated recipe of release 0.1)",
+        default="gate",
     )
     recon_variance: float = _doc(
         "reconstruction variance sigma^2; the KL and sparsity terms are scaled by it", default=1.0
@@ -147,11 +213,16 @@ class DirMoEConfig:
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
+        self._resolve_recipe_defaults()
+
         def bad(name: str, allowed: str) -> None:
             raise ValueError(
                 f"{flag_name(name)} (DirMoEConfig.{name}) = {getattr(self, name)!r} is invalid: "
                 f"allowed {allowed}"
             )
+
+        if self.recipe not in RECIPES:  # first: the recipe's defaults fill other fields
+            bad("recipe", " or ".join(repr(r) for r in RECIPES))
 
         def positive(name: str) -> None:
             value = getattr(self, name)
@@ -174,12 +245,32 @@ class DirMoEConfig:
         for name in ("tau_start", "tau_end", "prior_scale_start", "prior_scale_end",
                      "posterior_scale", "alpha_lo", "alpha_floor", "recon_variance", "leak"):
             positive(name)
-        if self.recipe not in RECIPES:
-            bad("recipe", " or ".join(repr(r) for r in RECIPES))
         for name in ("kl_weight", "sparsity_weight", "count_weight", "balance_weight"):
             non_negative(name)
         if self.prior_scale_schedule not in ("cosine", "exponential"):
             bad("prior_scale_schedule", "'cosine' or 'exponential'")
+        if self.slab_mean not in ("gate", "head"):
+            bad("slab_mean", "'gate' or 'head'")
+        if self.tau_schedule not in ("cosine", "exponential"):
+            bad("tau_schedule", "'cosine' or 'exponential'")
+        if self.tau_decay is not None:
+            if not (isinstance(self.tau_decay, (int, float)) and 0.0 < self.tau_decay < 1.0):
+                bad("tau_decay", "the open interval (0, 1)")
+            if self.tau_schedule != "exponential":
+                raise ValueError(f"{flag_name('tau_decay')} needs "
+                                 f"{flag_name('tau_schedule')} exponential")
+        if self.prior_simpson is not None and self.prior_mass_variance is not None:
+            raise ValueError(f"{flag_name('prior_simpson')} and "
+                             f"{flag_name('prior_mass_variance')} both set the prior scale; "
+                             "give at most one")
+        for name in ("prior_simpson", "posterior_simpson"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+                bad(name, "the open interval (0, 1) (and above the Simpson index of the mean)")
+        if self.prior_mass_variance is not None and not (
+            isinstance(self.prior_mass_variance, (int, float)) and 0.0 < self.prior_mass_variance < 0.25
+        ):
+            bad("prior_mass_variance", "the open interval (0, m (1 - m)) with m the prior mean mass")
         if self.schedule_iters is not None and (
             not isinstance(self.schedule_iters, int) or self.schedule_iters < 1
         ):
@@ -202,6 +293,22 @@ class DirMoEConfig:
         if self.capacity_factor is not None:
             positive("capacity_factor")
 
+    def _resolve_recipe_defaults(self) -> None:
+        """Fill the fields left at None with the recipe's defaults (RECIPE_DEFAULTS), once, at
+        construction: the stored config then holds concrete numbers."""
+        defaults = RECIPE_DEFAULTS.get(self.recipe)
+        if defaults is None:
+            return  # an unknown recipe: validation names it
+        values = dict(defaults)
+        if values["renormalize"] is None:
+            values["renormalize"] = isinstance(self.target_k, int) and self.target_k >= 2
+        renormalize = self.renormalize if self.renormalize is not None else values["renormalize"]
+        if values["count_weight"] is None:
+            values["count_weight"] = 0.01 if renormalize else 0.1
+        for name, value in values.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
     def validate_for(self, num_experts: int) -> "DirMoEConfig":
         """Check the ranges that depend on the number of experts E; returns ``self``."""
         if not isinstance(num_experts, int) or num_experts < 2:
@@ -218,31 +325,81 @@ class DirMoEConfig:
             )
         if self.target_k == num_experts and self.prior_mass is not None:
             raise ValueError(f"{flag_name('prior_mass')} needs k < E to derive r")
+        self.calibrated_for(num_experts)  # an unreachable calibration target fails here
         return self
 
     # ------------------------------------------------------------------ derived values
     @property
     def routing_rule(self) -> str:
-        """The `routing.route` rule of the recipe: 'gate' (calibrated) or 'weight' (paper)."""
+        """The `routing.route` rule of the recipe: 'gate' (calibrated) or 'weight' (paper,
+        paper-notes)."""
         return "gate" if self.recipe == "calibrated" else "weight"
+
+    @property
+    def slab(self) -> str:
+        """The `routing.route` slab: 'gated' (paper: alpha_hi/lo heads mixed by the relaxed
+        gate), 'head' (paper-notes: one slab head) or `slab_mean` (calibrated)."""
+        return {"paper": "gated", "paper-notes": "head"}.get(self.recipe, self.slab_mean)
+
+    @property
+    def count_on_sample(self) -> bool:
+        """Whether the count penalty reads the relaxed sample z (paper) rather than pi."""
+        return self.recipe == "paper"
 
     @property
     def fallback_k(self) -> int:
         """Experts a token gets when none passes the routing rule: its k most likely
         (calibrated: the routing starts as top-k and stays at k on average) or the argmax
-        (paper)."""
+        (paper, paper-notes)."""
         return self.target_k if self.recipe == "calibrated" else 1
 
     @property
     def effective_balance_weight(self) -> float:
-        """beta_z as applied: the paper recipe has no balance term."""
+        """beta_z as applied: the paper recipes have no balance term."""
         return self.balance_weight if self.recipe == "calibrated" else 0.0
 
     @property
     def effective_count_weight(self) -> float:
         """The weight of the recipe's count penalty: `count_weight` (calibrated) or
-        `sparsity_weight` (paper)."""
+        `sparsity_weight` (paper, paper-notes)."""
         return self.count_weight if self.recipe == "calibrated" else self.sparsity_weight
+
+    def calibrated_for(self, num_experts: int) -> "DirMoEConfig":
+        """A copy with the calibrators resolved: `prior_scale_end` from `prior_simpson` or
+        `prior_mass_variance`, `posterior_scale` from `posterior_simpson` (closed form, see
+        :mod:`megatron_dirmoe.calibration`), on the prior's shape with k experts on. ``self``
+        when no calibrator is set. Errors name the flag when a target is unreachable."""
+        from megatron_dirmoe import calibration
+
+        if (self.prior_simpson, self.prior_mass_variance, self.posterior_simpson) == (None,) * 3:
+            return self
+        ratio = self.prior_ratio_for(num_experts)
+        base = calibration.on_off_base(num_experts, self.target_k, ratio * self.alpha_lo,
+                                       self.alpha_lo)
+        changes: dict[str, float] = {}
+        try:
+            if self.prior_simpson is not None:
+                changes["prior_scale_end"] = calibration.scale_for_simpson(self.prior_simpson, base)
+            if self.prior_mass_variance is not None:
+                changes["prior_scale_end"] = calibration.scale_for_mass_variance(
+                    self.prior_mass_variance, base, self.target_k)
+        except ValueError as err:
+            name = "prior_simpson" if self.prior_simpson is not None else "prior_mass_variance"
+            raise ValueError(f"{flag_name(name)}: {err} (E={num_experts}, k={self.target_k}, "
+                             f"alpha_hi={ratio * self.alpha_lo:.4g}, alpha_lo={self.alpha_lo})"
+                             ) from None
+        if self.posterior_simpson is not None:
+            try:
+                changes["posterior_scale"] = calibration.scale_for_simpson(
+                    self.posterior_simpson, base)
+            except ValueError as err:
+                raise ValueError(f"{flag_name('posterior_simpson')}: {err} (E={num_experts}, "
+                                 f"k={self.target_k})") from None
+            if changes["posterior_scale"] > self.alpha_ceiling:
+                raise ValueError(f"{flag_name('posterior_simpson')} = {self.posterior_simpson} "
+                                 f"gives lambda_q = {changes['posterior_scale']:.4g} > "
+                                 f"--dirmoe-alpha-ceiling ({self.alpha_ceiling})")
+        return dataclasses.replace(self, **changes)
 
     def max_active_for(self, num_experts: int) -> int:
         """The cap on active experts per token: ``max_active`` or min(E, 4k)."""
@@ -289,7 +446,9 @@ def add_dirmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for f in dataclasses.fields(DirMoEConfig):
         typ = _field_type(f)
         default = f.default
-        help_text = f"{f.metadata['help']} (default: {default})"
+        shown = ("the recipe's" if default is None and f.name in RECIPE_DEFAULTS["calibrated"]
+                 else default)
+        help_text = f"{f.metadata['help']} (default: {shown})"
         if typ is bool:
             # --dirmoe-X / --dirmoe-no-X, keeping every flag under the --dirmoe- prefix.
             negative = FLAG_PREFIX + "no-" + f.name.replace("_", "-")
@@ -324,7 +483,10 @@ def dirmoe_config_from_args(args: argparse.Namespace,
         num_experts = getattr(args, "num_experts", None)
     stored = getattr(args, "dirmoe_config", None)
     if isinstance(stored, dict):
-        config = DirMoEConfig(**{**IMPLICIT_IN_OLDER_CHECKPOINTS, **stored})
+        stored = {**IMPLICIT_IN_OLDER_CHECKPOINTS, **stored}
+        if stored["recipe"] == "paper" and _FIELD_OF_THREE_HEAD_RELEASE not in stored:
+            stored["recipe"] = "paper-notes"  # "paper" named the notes-literal recipe then
+        config = DirMoEConfig(**stored)
     else:
         given = {}
         for f in dataclasses.fields(DirMoEConfig):
@@ -333,14 +495,22 @@ def dirmoe_config_from_args(args: argparse.Namespace,
                 given[f.name] = value
         config = DirMoEConfig(**given)
         # A flag that the chosen recipe ignores is a mistake worth stopping for.
-        ignored = {"paper": ("balance_weight", "count_weight"),
+        ignored = {"paper": ("balance_weight", "count_weight", "slab_mean"),
+                   "paper-notes": ("balance_weight", "count_weight", "slab_mean"),
                    "calibrated": ("route_threshold", "sparsity_weight")}[config.recipe]
         for name in ignored:
             if name in given:
                 raise ValueError(f"{flag_name(name)} has no effect with {flag_name('recipe')} "
                                  f"{config.recipe}")
+        # A calibrator computes the value it names; giving both is ambiguous.
+        for calibrator, target in (("prior_simpson", "prior_scale_end"),
+                                   ("prior_mass_variance", "prior_scale_end"),
+                                   ("posterior_simpson", "posterior_scale")):
+            if calibrator in given and target in given:
+                raise ValueError(f"{flag_name(calibrator)} sets {flag_name(target)}; give one "
+                                 "of the two")
         if getattr(args, "train_iters", None):
             config = config.with_schedule_horizon(args.train_iters)
     if num_experts is not None:
-        config.validate_for(num_experts)
+        config = config.validate_for(num_experts).calibrated_for(num_experts)
     return config

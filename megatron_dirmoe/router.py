@@ -30,9 +30,12 @@ from megatron_dirmoe.config import DirMoEConfig
 from megatron_dirmoe.metrics import METRIC_NAMES, record_routing_row
 from megatron_dirmoe.routing import (
     balance_penalty,
+    firing_sums,
     route,
     routing_regularizers,
     routing_statistics,
+    slab_heads,
+    softplus_inverse,
     spike_bias_init,
 )
 from megatron_dirmoe.schedules import prior_scale_at, temperature_at
@@ -57,8 +60,10 @@ class DirichletRouter(Router):
     and none for padded tokens (they add no load and no loss).
 
     Parameters (fp32, replicated over TP and marked ``sequence_parallel`` like Megatron's router
-    weight so their gradients are all-reduced): ``weight`` = [W_z; W_v] stacked as [2E, h] so both
-    logits come from one GEMM, and ``spike_bias`` b_z [E].
+    weight so their gradients are all-reduced): ``weight`` stacks the gate weights W_z [E, h] and
+    the recipe's slab heads (none for the calibrated recipe's gate-logit slab, W_v [E, h] for a
+    separate slab head, the alpha_hi and alpha_lo heads [2E, h] for the paper recipe) so every
+    logit comes from one GEMM; ``spike_bias`` b_z [E]; ``slab_bias`` [2E] (paper recipe only).
     """
 
     def __init__(
@@ -70,17 +75,23 @@ class DirichletRouter(Router):
     ) -> None:
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
-        self.dirmoe_config = (dirmoe_config or DirMoEConfig()).validate_for(config.num_moe_experts)
+        self.dirmoe_config = ((dirmoe_config or DirMoEConfig()).validate_for(config.num_moe_experts)
+                              .calibrated_for(config.num_moe_experts))
         temperature_at(self.dirmoe_config, 0)  # fails at build time if the horizon is unset
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         num_experts, hidden = config.num_moe_experts, config.hidden_size
         self.max_active = self.dirmoe_config.max_active_for(num_experts)
         self.prior_ratio = self.dirmoe_config.prior_ratio_for(num_experts)
         self.iteration = 0
-        # Megatron's optional gate bias is replaced by the spike bias; the slab has no bias.
+        # Megatron's optional gate bias is replaced by the spike bias; the softmax slab head has
+        # no bias, the paper's alpha_hi/alpha_lo heads have one (their starting concentrations).
         self.bias = None
-        self.weight = torch.nn.Parameter(torch.empty(2 * num_experts, hidden, dtype=torch.float32))
+        self.slab_heads = slab_heads(self.dirmoe_config.slab)
+        self.weight = torch.nn.Parameter(
+            torch.empty((1 + self.slab_heads) * num_experts, hidden, dtype=torch.float32))
         self.spike_bias = torch.nn.Parameter(torch.empty(num_experts, dtype=torch.float32))
+        self.slab_bias = (torch.nn.Parameter(torch.empty(2 * num_experts, dtype=torch.float32))
+                          if self.dirmoe_config.slab == "gated" else None)
         # Routed (non-padded) tokens per expert since the last `pop_expert_load()`. A plain fp32
         # tensor rather than a buffer, so Megatron's Float16Module (which casts buffers to bf16)
         # cannot round the counts; it follows the logits' device at the first forward.
@@ -115,6 +126,8 @@ class DirichletRouter(Router):
             target_k=cfg.target_k,
             rule=cfg.routing_rule,
             fallback_k=cfg.fallback_k,
+            slab=cfg.slab,
+            count_on_sample=cfg.count_on_sample,
             loss_scale_kl=cfg.recon_variance * cfg.kl_weight,
             loss_scale_sparsity=cfg.recon_variance * cfg.effective_count_weight,
         )
@@ -133,7 +146,14 @@ class DirichletRouter(Router):
             self.spike_bias.fill_(
                 spike_bias_init(cfg.target_k, self.num_experts, temperature_at(cfg, 0))
             )
-        for param in (self.weight, self.spike_bias):
+            if self.slab_bias is not None:
+                # alpha_hi(x), alpha_lo(x) start at the prior's alpha_hi, alpha_lo.
+                alpha_hi = self.prior_ratio * cfg.alpha_lo
+                self.slab_bias[: self.num_experts].fill_(softplus_inverse(alpha_hi))
+                self.slab_bias[self.num_experts:].fill_(softplus_inverse(cfg.alpha_lo))
+        params = [self.weight, self.spike_bias] + ([self.slab_bias] if self.slab_bias is not None
+                                                   else [])
+        for param in params:
             param.data = param.data.to(dtype=self.config.params_dtype)
             setattr(param, "sequence_parallel", self.config.sequence_parallel)
 
@@ -154,21 +174,25 @@ class DirichletRouter(Router):
 
     # ------------------------------------------------------------------ forward
     def gating(self, input: torch.Tensor) -> torch.Tensor:
-        """Spike and slab logits [..., 2E] in fp32 from one GEMM (device-agnostic, unlike
-        `Router.gating`, which moves CPU weights to CUDA). Saves `input` in its own dtype (bf16
-        under mixed precision) for the backward, as Megatron's `router_gating_linear` does."""
+        """Every router logit [..., (1 + slab heads) E] in fp32 from one GEMM (device-agnostic,
+        unlike `Router.gating`, which moves CPU weights to CUDA). Saves `input` in its own dtype
+        (bf16 under mixed precision) for the backward, as Megatron's `router_gating_linear`
+        does."""
         # Not Megatron's `router_gating_linear` itself: with TE 2.20 its TE GEMM path fails
         # (cuBLAS "unsupported value") for bf16 inputs and fp32 output on some shapes.
         return _GatingLinear.apply(input, self.weight)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Route [T, 2E] logits; returns (probs [T, E], routing_map [T, E])."""
+        """Route [T, (1 + slab heads) E] logits; returns (probs [T, E], routing_map [T, E])."""
         num_experts = self.num_experts
-        logits = logits.view(-1, 2 * num_experts)
+        logits = logits.view(-1, (1 + self.slab_heads) * num_experts)
         valid_T = None
         if padding_mask is not None:
             valid_T = ~padding_mask.reshape(-1)
-        spike_logits, slab_logits = logits.split(num_experts, dim=-1)
+        spike_logits, slab_logits = logits.split(
+            [num_experts, self.slab_heads * num_experts], dim=-1)
+        if self.slab_heads == 0:
+            slab_logits = None
         # Megatron's optional z-loss (--moe-z-loss-coeff) regularises the spike logits. Its
         # implementation only touches state every Router has, so reuse it rather than copy it.
         spike_logits = TopKRouter.apply_z_loss(
@@ -184,11 +208,12 @@ class DirichletRouter(Router):
         schedule_2 = torch.empty(2, dtype=torch.float32, device=logits.device)
         schedule_2.fill_(tau)[1].fill_(prior_scale)
         with self._noise_rng(spike_logits.device):
-            probs, routing_map, loss_sum, stats, load_E, gate_prob, gate_prob_sum_E = self._step_fn(
+            probs, routing_map, loss_sum, stats, load_E, gate_prob, firing_2E = self._step_fn(
                 spike_logits.device)(
                 spike_logits,
                 slab_logits,
                 self.spike_bias,
+                self.slab_bias,
                 schedule_2[0],
                 schedule_2[1],
                 valid_T,
@@ -197,16 +222,16 @@ class DirichletRouter(Router):
                 **self._static_kwargs,
             )
         if with_losses:
-            # One count of real tokens (and the firing-rate sums of the balance term) over the
+            # One count of real tokens (and the firing sums of the balance term) over the
             # TP x CP group serves every loss that needs it: at most one all-reduce per layer.
             num_tokens = balance = None
             if (self.aux_loss_coeff > 0 or self.balance_scale > 0
                     or not self.calculate_per_token_loss):
                 with_balance = self.balance_scale > 0
-                num_tokens, group_sum_E = self._group_token_sums(
-                    gate_prob_sum_E if with_balance else None, valid_T, probs.shape[0])
+                num_tokens, group_2E = self._group_token_sums(
+                    firing_2E if with_balance else None, valid_T, probs.shape[0])
                 if with_balance:
-                    balance = self._balance_penalty(gate_prob_sum_E, group_sum_E, num_tokens)
+                    balance = self._balance_penalty(firing_2E, group_2E, num_tokens)
             probs = self._attach_losses(probs, loss_sum, num_tokens, balance)
             if self.aux_loss_coeff > 0:
                 probs = self._apply_load_balancing_loss(probs, gate_prob, routing_map, valid_T,
@@ -256,15 +281,15 @@ class DirichletRouter(Router):
         return _COMPILED_ROUTING_STEP
 
     # ------------------------------------------------------------------ losses
-    def _group_token_sums(self, gate_prob_sum_E, valid_T, num_local: int):
-        """(real tokens, summed gate probabilities [E] or None) of this micro-batch over the
+    def _group_token_sums(self, sums, valid_T, num_local: int):
+        """(real tokens, ``sums`` added over the group or None) of this micro-batch over the
         TP x CP group, the token shards of one data-parallel replica. One all-reduce when the
         group has several ranks and something is data-dependent (padding, or the sums), none
         otherwise; the count is a Python number without padding."""
         size = self.tp_cp_group.size()
         parts = []
-        if gate_prob_sum_E is not None:
-            parts.append(gate_prob_sum_E.detach())
+        if sums is not None:
+            parts.append(sums.detach().flatten())
         if valid_T is not None:
             parts.append(valid_T.sum().float().view(1))
         if not parts:
@@ -274,9 +299,9 @@ class DirichletRouter(Router):
             torch.distributed.all_reduce(stats, group=self.tp_cp_group)
         num_tokens = (stats[-1].clamp(min=1.0) if valid_T is not None
                       else float(num_local * size))
-        return num_tokens, (stats[:self.num_experts] if gate_prob_sum_E is not None else None)
+        return num_tokens, (stats[:sums.numel()].view_as(sums) if sums is not None else None)
 
-    def _balance_penalty(self, gate_prob_sum_E, group_sum_E, num_tokens):
+    def _balance_penalty(self, firing_2E, group_2E, num_tokens):
         """The aggregate spike prior on the gates' firing rates over the micro-batch's real
         tokens in this data-parallel replica.
 
@@ -289,9 +314,9 @@ class DirichletRouter(Router):
         other losses (divided by the TP x CP token count): summed over TP x CP by Megatron,
         it is the gradient of the replica's term.
         """
-        local_mean_E = gate_prob_sum_E / num_tokens
-        mean_E = local_mean_E + (group_sum_E / num_tokens - local_mean_E).detach()
-        return balance_penalty(mean_E, self.dirmoe_config.target_k)
+        local_2E = firing_2E / num_tokens
+        rates_2E = local_2E + (group_2E / num_tokens - local_2E).detach()
+        return balance_penalty(rates_2E[0], rates_2E[1], self.dirmoe_config.target_k)
 
     def _attach_losses(self, probs, loss_sum, num_tokens, balance=None):
         """Attach sigma^2 * (beta * KL + lambda * penalty), averaged over real tokens, plus
@@ -360,7 +385,7 @@ class DirichletRouter(Router):
 
 
 class _GatingLinear(torch.autograd.Function):
-    """``input [..., h] @ weight [2E, h].T`` in fp32, keeping the input in its own dtype for the
+    """``input [..., h] @ weight [R, h].T`` in fp32, keeping the input in its own dtype for the
     backward: the fp32 copy of a bf16 input exists only inside forward and backward, so the
     router's saved activation is the bf16 input, as for Megatron's `TopKRouter` (plain
     ``F.linear(input.float(), ...)`` would save the fp32 copy: twice the memory)."""
@@ -516,6 +541,7 @@ def _routing_step(
     spike_logits_TE,
     slab_logits_TE,
     spike_bias_E,
+    slab_bias_S,
     tau,
     prior_scale,
     valid_T,
@@ -534,6 +560,8 @@ def _routing_step(
     target_k: int,
     rule: str,
     fallback_k: int,
+    slab: str,
+    count_on_sample: bool,
     loss_scale_kl: float,
     loss_scale_sparsity: float,
 ):
@@ -554,13 +582,15 @@ def _routing_step(
         training=training,
         rule=rule,
         fallback_k=fallback_k,
+        slab=slab,
+        slab_bias_S=slab_bias_S,
     )
     probs_TE, routing_map_TE = result.probs_TE, result.routing_map_TE
     if valid_T is not None:
         # Padded tokens go to no expert: they add no load and no loss.
         routing_map_TE = routing_map_TE & valid_T[:, None]
         probs_TE = probs_TE * valid_T[:, None]
-    loss_sum = kl_T = sparsity_T = gate_prob_sum_E = None
+    loss_sum = kl_T = sparsity_T = firing_2E = None
     if with_losses:
         kl_T, sparsity_T = routing_regularizers(
             result,
@@ -571,14 +601,13 @@ def _routing_step(
             alpha_ceiling=alpha_ceiling,
             target_k=target_k,
             rule=rule,
+            count_on_sample=count_on_sample,
         )
         per_token_T = loss_scale_kl * kl_T + loss_scale_sparsity * sparsity_T
-        gate_prob_TE = result.gate_prob_TE
         if valid_T is not None:
             per_token_T = per_token_T * valid_T
-            gate_prob_TE = gate_prob_TE * valid_T[:, None]
         loss_sum = per_token_T.sum()
-        gate_prob_sum_E = gate_prob_TE.sum(dim=0)
+        firing_2E = firing_sums(result.logits_TE, tau, valid_T)
         # Statistics are recorded only by the forward that builds the graph (see `routing`):
         # evaluation and the no-grad first pass of activation recompute skip them.
         stats, load_E = routing_statistics(
@@ -595,7 +624,7 @@ def _routing_step(
     else:
         stats = load_E = None
     return (probs_TE, routing_map_TE, loss_sum, stats, load_E, result.gate_prob_TE,
-            gate_prob_sum_E)
+            firing_2E)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -15,18 +15,23 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "RULES",
+    "SLABS",
     "RoutingResult",
     "bernoulli_kl",
     "balance_penalty",
+    "firing_sums",
     "cosine_schedule",
     "exponential_schedule",
     "spike_bias_init",
     "dirichlet_kl",
     "route",
     "routing_regularizers",
+    "slab_heads",
+    "softplus_inverse",
     "routing_statistics",
     "routing_statistics_width",
     "STAT_SUMS",
@@ -38,14 +43,36 @@ _UNIFORM_EPS = 1e-6
 # Routing rules (which experts a token goes to):
 # - "gate":   expert i is active when its gate is more likely on than off, pi_i = sigmoid(l_i / tau)
 #             >= 1/2 (l_i >= 0): the mode of the spike, in training and evaluation alike, so the
-#             count trained is the count served. The forward weight of an active expert is its
-#             slab share theta_i renormalised over the active set; the gradient reaches the spike
-#             logits through a relaxed Bernoulli(pi) sample z = sigmoid((l / tau + g) / tau)
-#             (straight-through: forward 1, backward dz/dl). Used by the calibrated recipe.
+#             count trained is the count served (the calibrated recipe).
 # - "weight": z = sigmoid((l + g) / tau) and expert i is active when the combined weight
-#             w_i >= route_threshold: the paper notes read literally (there the slab decides as
-#             much as the spike, and P(z_i >= 1/2) = sigmoid(l_i) is not pi once tau != 1).
+#             w_i = normalize(z * theta + leak)_i >= route_threshold (the paper's relaxed weights;
+#             there the slab decides as much as the spike, and P(z_i >= 1/2) = sigmoid(l_i) is
+#             not pi once tau != 1).
 RULES = ("gate", "weight")
+
+# Slabs (how the Dirichlet posterior over the experts' shares is parameterised):
+# - "gate":  alpha_q = lambda_q * softmax(gate scores): the posterior mean is the softmax of the
+#            token's own (centred) gate logits, so one head decides which experts fire and how
+#            their weights compare, and the LM loss reaches the gates through the weights.
+# - "head":  alpha_q = lambda_q * softmax(v) from a separate slab head v (the paper notes; release
+#            0.1's calibrated recipe, where the gates learn through a straight-through relaxed
+#            Bernoulli(pi) sample instead).
+# - "gated": alpha_q = lambda_q * (z * alpha_hi(x) + (1 - z) * alpha_lo(x)) with two concentration
+#            heads alpha_hi/lo(x) = softplus(head + bias): the posterior conditioned on the relaxed
+#            gates z (the paper's structure).
+SLABS = ("gate", "head", "gated")
+
+
+def slab_heads(slab: str) -> int:
+    """Slab logits per expert that the router's GEMM must produce for `slab`: 0, 1 or 2."""
+    if slab not in SLABS:
+        raise ValueError(f"unknown slab {slab!r}; allowed {SLABS}")
+    return {"gate": 0, "head": 1, "gated": 2}[slab]
+
+
+def softplus_inverse(value: float) -> float:
+    """x with softplus(x) = value (> 0): the bias that starts a concentration head at `value`."""
+    return value + math.log(-math.expm1(-value))
 
 
 # ---------------------------------------------------------------------- schedules
@@ -84,7 +111,12 @@ def dirichlet_kl(alpha_q_TE: torch.Tensor, alpha_p_TE: torch.Tensor) -> torch.Te
     )
 
 
-# ---------------------------------------------------------------------- Bernoulli KL
+# ---------------------------------------------------------------------- balance
+# sigmoid(-80) ~ 1.8e-35 is a normal fp32 number: firing rates computed from logits clamped to
+# +-80 (forward only) never underflow to 0 or round to 1.
+_RATE_LOGIT_CLAMP = 80.0
+
+
 def bernoulli_kl(p: torch.Tensor, q: float | torch.Tensor) -> torch.Tensor:
     """Elementwise KL(Bern(p) || Bern(q)); p is clamped to (1e-6, 1 - 1e-6) so 0 and 1 are finite."""
     p = p.clamp(1e-6, 1.0 - 1e-6)
@@ -92,17 +124,39 @@ def bernoulli_kl(p: torch.Tensor, q: float | torch.Tensor) -> torch.Tensor:
     return p * (torch.log(p) - torch.log(q)) + (1.0 - p) * (torch.log1p(-p) - torch.log1p(-q))
 
 
-def balance_penalty(mean_gate_prob_E: torch.Tensor, target_k: int) -> torch.Tensor:
-    """Aggregate spike prior: sum_e KL(Bern(mean_t p_te) || Bern(k / E)).
+def firing_sums(logits_TE: torch.Tensor, tau: float | torch.Tensor,
+                valid_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[2, E]: sum_t pi_te and sum_t (1 - pi_te) over real tokens, pi = sigmoid(l / tau).
+
+    l / tau is clamped to +-80 in the forward only (the gradient passes unchanged), so a gate
+    driven far below or above every threshold keeps a tiny, exactly representable firing rate and
+    a gradient: the balance term can always bring it back. The two sums are computed separately
+    so that neither rate is a difference of nearly equal numbers."""
+    x_TE = logits_TE.float() / tau
+    x_TE = x_TE + (x_TE.clamp(-_RATE_LOGIT_CLAMP, _RATE_LOGIT_CLAMP) - x_TE).detach()
+    on_TE, off_TE = torch.sigmoid(x_TE), torch.sigmoid(-x_TE)
+    if valid_T is not None:
+        on_TE, off_TE = on_TE * valid_T[:, None], off_TE * valid_T[:, None]
+    return torch.stack([on_TE.sum(dim=0), off_TE.sum(dim=0)])
+
+
+def balance_penalty(rate_E: torch.Tensor, off_rate_E: torch.Tensor, target_k: int) -> torch.Tensor:
+    """Aggregate spike prior: sum_e KL(Bern(k / E) || Bern(pbar_e)), from each gate's mean firing
+    rate pbar_e = mean_t pi_te and 1 - pbar_e (see `firing_sums`).
 
     The per-token KL of a spike posterior against its prior splits into the mutual information
-    between token and gate plus this KL of the *aggregate* posterior against the prior. Keeping
-    only the aggregate part asks every gate to fire for a k/E share of the tokens (balanced load)
-    without pulling individual tokens back to the prior (which would erase specialisation).
+    between token and gate plus a divergence between the *aggregate* posterior and the prior.
+    Penalising only the aggregate part asks every gate to fire for a k/E share of the tokens
+    (balanced load) without pulling individual tokens back to the prior (which would erase
+    specialisation). The prior-first direction is used: near balance it equals the posterior-first
+    KL to second order, but its gradient with respect to the logit of pbar_e is pbar_e - k/E,
+    which does not vanish for a gate that never fires (or always fires), so no expert can die.
     """
-    num_experts = mean_gate_prob_E.shape[-1]
-    prior = min(target_k / num_experts, 1.0 - 1e-6)
-    return bernoulli_kl(mean_gate_prob_E.float(), prior).sum(-1)
+    num_experts = rate_E.shape[-1]
+    q = min(target_k / num_experts, 1.0 - 1e-6)
+    rate_E, off_rate_E = rate_E.float(), off_rate_E.float()
+    return (q * (math.log(q) - torch.log(rate_E))
+            + (1.0 - q) * (math.log1p(-q) - torch.log(off_rate_E))).sum(-1)
 
 
 # ---------------------------------------------------------------------- routing
@@ -112,6 +166,7 @@ class RoutingResult:
 
     probs_TE: torch.Tensor  # weights handed to the dispatcher, zero off the active set
     routing_map_TE: torch.Tensor  # bool, 1..max_active True per row
+    logits_TE: torch.Tensor  # l: centred spike logits plus the spike bias
     gate_prob_TE: torch.Tensor  # pi = sigmoid(l / tau): gate firing probability
     gate_TE: torch.Tensor  # z: relaxed Bernoulli sample (training) or pi (eval)
     alpha_q_TE: torch.Tensor  # posterior Dirichlet concentration
@@ -122,7 +177,7 @@ class RoutingResult:
 
 def route(
     spike_logits_TE: torch.Tensor,
-    slab_logits_TE: torch.Tensor,
+    slab_logits_TS: Optional[torch.Tensor],
     spike_bias_E: torch.Tensor,
     *,
     tau: float | torch.Tensor,
@@ -137,15 +192,19 @@ def route(
     generator: Optional[torch.Generator] = None,
     rule: str = "weight",
     fallback_k: int = 1,
+    slab: str = "head",
+    slab_bias_S: Optional[torch.Tensor] = None,
 ) -> RoutingResult:
     """DirMoE routing for a batch of tokens.
 
     Training draws the spike with Gumbel-Sigmoid noise and the slab with a reparameterised
     Dirichlet sample; evaluation (``training=False``) is deterministic: z = pi = sigmoid(l / tau)
-    and theta is the Dirichlet mean. `rule` picks the active set (see `RULES`); `route_threshold`
-    applies to rule "weight" only; `fallback_k` experts (largest score) go to a token where no
-    expert passes the rule. `tau` may be a 0-d tensor (so a compiled caller does not
-    recompile when the schedule moves).
+    and theta is the Dirichlet mean. `rule` picks the active set and `slab` the posterior (see
+    `RULES`, `SLABS`); `slab_logits_TS` holds `slab_heads(slab)` logits per expert (None for
+    slab "gate") and `slab_bias_S` the concentration heads' bias (slab "gated").
+    `route_threshold` applies to rule "weight" only; `fallback_k` experts (largest score) go to a
+    token where no expert passes the rule. `tau` may be a 0-d tensor (so a compiled caller does
+    not recompile when the schedule moves).
 
     Noise: `generator` drives the Gumbel (logistic) draw only; the Dirichlet sample always comes
     from torch's default generator of the logits' device (``Dirichlet.rsample`` takes none). To
@@ -154,8 +213,9 @@ def route(
     """
     if rule not in RULES:
         raise ValueError(f"unknown routing rule {rule!r}; allowed {RULES}")
+    if slab not in SLABS:
+        raise ValueError(f"unknown slab {slab!r}; allowed {SLABS}")
     spike_logits_TE = spike_logits_TE.float()
-    slab_logits_TE = slab_logits_TE.float()
 
     # 1. Per-token centring of the spike logits, then the learned bias.
     centred_TE = spike_logits_TE - spike_logits_TE.mean(dim=-1, keepdim=True)
@@ -177,9 +237,17 @@ def route(
         gate_TE = gate_prob_TE
 
     # 3. Slab: posterior concentration and a Dirichlet sample (or its mean).
-    alpha_q_TE = (posterior_scale * torch.softmax(slab_logits_TE, dim=-1)).clamp(
-        alpha_floor, alpha_ceiling
-    )
+    if slab == "gate":
+        alpha_q_TE = posterior_scale * torch.softmax(centred_TE, dim=-1)
+    elif slab == "head":
+        alpha_q_TE = posterior_scale * torch.softmax(slab_logits_TS.float(), dim=-1)
+    else:
+        heads_TS = slab_logits_TS.float()
+        if slab_bias_S is not None:
+            heads_TS = heads_TS + slab_bias_S.float()
+        alpha_hi_TE, alpha_lo_TE = F.softplus(heads_TS).chunk(2, dim=-1)
+        alpha_q_TE = posterior_scale * (gate_TE * alpha_hi_TE + (1.0 - gate_TE) * alpha_lo_TE)
+    alpha_q_TE = alpha_q_TE.clamp(alpha_floor, alpha_ceiling)
     if training:
         # validate_args=False: the default validation syncs device->host on every call.
         theta_TE = torch.distributions.Dirichlet(alpha_q_TE, validate_args=False).rsample()
@@ -192,11 +260,14 @@ def route(
         with torch.no_grad():
             routing_map_TE, fallback_T, capped_T = _active_set(gate_prob_TE, 0.5, max_active,
                                                                fallback_k)
-        theta_active_TE = theta_TE * routing_map_TE
+        probs_TE = theta_TE * routing_map_TE
         if renormalize:
-            theta_active_TE = theta_active_TE / theta_active_TE.sum(dim=-1, keepdim=True)
-        # Straight-through gate: 1 on the active set in the forward, dz/dl in the backward.
-        probs_TE = (routing_map_TE.float() + gate_TE - gate_TE.detach()) * theta_active_TE
+            probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
+        if slab == "head":
+            # The weights do not depend on the gates here, so the gates learn from the LM loss
+            # through a straight-through gate: 1 on the active set in the forward, dz/dl in the
+            # backward.
+            probs_TE = (routing_map_TE.float() + gate_TE - gate_TE.detach()) * probs_TE
         weights_TE = probs_TE  # the rule's weights are the dispatcher's: no leaked mixture
     else:
         # 4. Combine with the leak before normalising (no row can be all-zero).
@@ -213,6 +284,7 @@ def route(
     return RoutingResult(
         probs_TE=probs_TE,
         routing_map_TE=routing_map_TE,
+        logits_TE=logits_TE,
         gate_prob_TE=gate_prob_TE,
         gate_TE=gate_TE,
         alpha_q_TE=alpha_q_TE,
@@ -274,6 +346,7 @@ def routing_regularizers(
     alpha_ceiling: float,
     target_k: int,
     rule: str = "weight",
+    count_on_sample: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token Dirichlet KL against the spike-dependent prior, and the count penalty.
 
@@ -282,16 +355,17 @@ def routing_regularizers(
     (sum_i pi_i - k)^2. Rule "gate": the expected squared miss of the realised count,
     E[(N - k)^2] = (sum_i pi_i - k)^2 + sum_i pi_i (1 - pi_i) for N = sum_i Bernoulli(pi_i), which
     is zero only when exactly k gates are certain to fire (calibrated *and* decisive per token).
-    Returns (kl_T, sparsity_T), both [T] fp32, unweighted.
+    `count_on_sample`: the penalty (sum_i z_i - k)^2 on the relaxed sample z instead of pi (the
+    paper's sparsity term). Returns (kl_T, sparsity_T), both [T] fp32, unweighted.
     """
     alpha_hi = prior_ratio * alpha_lo
     alpha_p_TE = (prior_scale * (alpha_lo + (alpha_hi - alpha_lo) * result.gate_TE)).clamp(
         alpha_floor, alpha_ceiling
     )
     kl_T = dirichlet_kl(result.alpha_q_TE, alpha_p_TE)
-    p_TE = result.gate_prob_TE
+    p_TE = result.gate_TE if count_on_sample else result.gate_prob_TE
     sparsity_T = (p_TE.sum(dim=-1) - target_k) ** 2
-    if rule == "gate":
+    if rule == "gate" and not count_on_sample:
         sparsity_T = sparsity_T + (p_TE * (1.0 - p_TE)).sum(dim=-1)
     return kl_T, sparsity_T
 

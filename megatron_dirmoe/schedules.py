@@ -22,8 +22,15 @@ def _horizon(config: DirMoEConfig) -> int:
 
 
 def temperature_at(config: DirMoEConfig, iteration: int) -> float:
-    """Spike temperature tau_z: cosine from `tau_start` to `tau_end` over the horizon."""
-    return cosine_schedule(config.tau_start, config.tau_end, iteration, _horizon(config))
+    """Spike temperature tau_z: cosine from `tau_start` to `tau_end` over the horizon, or
+    exponential, max(tau_end, tau_start * rho^t) (rho = `tau_decay`, by default the rate that
+    reaches tau_end at the horizon)."""
+    horizon = _horizon(config)
+    if config.tau_schedule == "cosine":
+        return cosine_schedule(config.tau_start, config.tau_end, iteration, horizon)
+    if config.tau_decay is None:
+        return exponential_schedule(config.tau_start, config.tau_end, iteration, horizon)
+    return max(config.tau_end, config.tau_start * config.tau_decay ** max(int(iteration), 0))
 
 
 def prior_scale_at(config: DirMoEConfig, iteration: int) -> float:

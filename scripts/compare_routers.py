@@ -58,38 +58,40 @@ def _bias(rate: str) -> tuple[str, ...]:
 
 
 def routers(bias_rate: str) -> dict[str, RouterSpec]:
+    """Every router the comparison knows, by name (k = 1..8 where the name carries a k)."""
     topk = ("--dirmoe-router", "topk", "--moe-router-score-function")
 
     def dirmoe(k: int, *extra: str) -> tuple[str, ...]:
         return ("--dirmoe-router", "dirichlet", "--dirmoe-target-k", str(k)) + extra
 
-    paper = ("--dirmoe-recipe", "paper")
-    return {
-        # The default recipe: only the target k is given.
-        "dirmoe-k1": RouterSpec("DirMoE k=1 (default: calibrated)", 1, dirmoe(1), True),
-        "dirmoe-k2": RouterSpec("DirMoE k=2 (default: calibrated)", 2, dirmoe(2), True),
-        "dirmoe-k1-paper": RouterSpec("DirMoE k=1 (paper recipe)", 1, dirmoe(1, *paper), True),
-        "dirmoe-k2-paper": RouterSpec("DirMoE k=2 (paper recipe)", 2, dirmoe(2, *paper), True),
-        "dirmoe-k1-paper-aux": RouterSpec("DirMoE k=1 (paper recipe) + aux loss", 1,
-                                          dirmoe(1, *paper, *AUX_LOSS), True),
-        "dirmoe-k2-paper-aux": RouterSpec("DirMoE k=2 (paper recipe) + aux loss", 2,
-                                          dirmoe(2, *paper, *AUX_LOSS), True),
-        # Megatron requires pre-softmax with top-1 (else the one probability is always 1).
-        "softmax-top1": RouterSpec(
-            "TopK softmax k=1 + aux loss", 1,
-            topk + ("softmax", "--moe-router-topk", "1", "--moe-router-pre-softmax") + AUX_LOSS),
-        "softmax-top2": RouterSpec(
-            "TopK softmax k=2 + aux loss", 2,
-            topk + ("softmax", "--moe-router-topk", "2") + AUX_LOSS),
-        "sigmoid-top2-bias": RouterSpec(
-            "TopK sigmoid k=2 + expert bias", 2,
-            topk + ("sigmoid", "--moe-router-topk", "2", "--moe-router-load-balancing-type",
-                    "none") + _bias(bias_rate)),
-        "sinkhorn-top1": RouterSpec(
-            "Sinkhorn k=1", 1,
-            ("--dirmoe-router", "topk", "--moe-router-topk", "1",
-             "--moe-router-load-balancing-type", "sinkhorn")),
-    }
+    specs: dict[str, RouterSpec] = {}
+    for k in range(1, 9):
+        specs.update({
+            # The default recipe: only the target k is given.
+            f"dirmoe-k{k}": RouterSpec(f"DirMoE k={k} (default: calibrated)", k, dirmoe(k), True),
+            f"dirmoe-k{k}-paper": RouterSpec(
+                f"DirMoE k={k} (paper recipe)", k, dirmoe(k, "--dirmoe-recipe", "paper"), True),
+            f"dirmoe-k{k}-paper-notes": RouterSpec(
+                f"DirMoE k={k} (paper notes, literal)", k,
+                dirmoe(k, "--dirmoe-recipe", "paper-notes"), True),
+            f"dirmoe-k{k}-paper-aux": RouterSpec(
+                f"DirMoE k={k} (paper recipe) + aux loss", k,
+                dirmoe(k, "--dirmoe-recipe", "paper", *AUX_LOSS), True),
+            # Megatron requires pre-softmax with top-1 (else the one probability is always 1).
+            f"softmax-top{k}": RouterSpec(
+                f"TopK softmax k={k} + aux loss", k,
+                topk + ("softmax", "--moe-router-topk", str(k))
+                + (("--moe-router-pre-softmax",) if k == 1 else ()) + AUX_LOSS),
+            f"sigmoid-top{k}-bias": RouterSpec(
+                f"TopK sigmoid k={k} + expert bias", k,
+                topk + ("sigmoid", "--moe-router-topk", str(k), "--moe-router-load-balancing-type",
+                        "none") + _bias(bias_rate)),
+        })
+    specs["sinkhorn-top1"] = RouterSpec(
+        "Sinkhorn k=1", 1,
+        ("--dirmoe-router", "topk", "--moe-router-topk", "1",
+         "--moe-router-load-balancing-type", "sinkhorn"))
+    return specs
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,22 @@ PRESETS = {
         "Shakespeare corpus",
         "cpu", ("--preset", "tiny"), seeds=(1234, 1235, 1236), jobs=2, heldout_sequences=256,
         bias_rate="1e-2",
+    ),
+    # Fine-grained experts (DeepSeekMoE / Qwen3 style): the tiny model with 32 experts of a
+    # quarter of cpu-small's expert width, so k=4 has the active expert width of cpu-small's k=1.
+    "cpu-fine": Preset(
+        "tiny GPT (4 layers x 32 experts of width 64, hidden 128), 300 steps x 1,024 tokens, "
+        "embedded Shakespeare corpus",
+        "cpu", ("--preset", "tiny", "--num-experts", "32", "--moe-ffn-hidden-size", "64"),
+        seeds=(1234, 1235, 1236), jobs=2, heldout_sequences=256, bias_rate="1e-2",
+    ),
+    # The same plus one always-on shared expert of the routed experts' width.
+    "cpu-fine-shared": Preset(
+        "tiny GPT (4 layers x 32 experts of width 64 + 1 shared expert of width 64, hidden "
+        "128), 300 steps x 1,024 tokens, embedded Shakespeare corpus",
+        "cpu", ("--preset", "tiny", "--num-experts", "32", "--moe-ffn-hidden-size", "64",
+                "--moe-shared-expert-intermediate-size", "64"),
+        seeds=(1234, 1235, 1236), jobs=2, heldout_sequences=256, bias_rate="1e-2",
     ),
     # 8 layers, hidden 512, 8 experts, seq 256, 600 steps of 8,192 tokens; four runs share the
     # GPU at a time (small models leave most of an H100 idle). Sized to fit the 8 routers in one
@@ -141,6 +159,7 @@ def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: lis
         unset_global_variables,
     )
 
+    from megatron_dirmoe.data.ood import ood_sequences
     from megatron_dirmoe.datasets import build_gpt_datasets, num_samples_per_split
     from megatron_dirmoe.routing_analysis import record_routing, summarize_layer, token_classes
     from megatron_dirmoe.training.arguments import parse_pretrain_args
@@ -169,6 +188,14 @@ def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: lis
     classes_T = token_classes(layers[0].token_ids_T)  # the same tokens reach every layer
     summaries = [summarize_layer(layer, classes_T=classes_T) for layer in layers]
 
+    # Out of domain: modern English prose the model never saw anything like.
+    windows = ood_sequences(get_tokenizer(), args.seq_length)
+    ood_batches = [_window_batch(windows[start:start + mbs], device)
+                   for start in range(0, len(windows), mbs)]
+    ood_layers, ood_loss = record_routing(result.model, ood_batches)
+    ood_classes_T = token_classes(ood_layers[0].token_ids_T)
+    ood_summaries = [summarize_layer(layer, classes_T=ood_classes_T) for layer in ood_layers]
+
     history = result.history
     tail = history[-max(1, len(history) // 10):]  # the last 10% of the schedule
     steps_per_s = [1.0 / row["step_seconds"] for row in history[len(history) // 10:]]
@@ -195,14 +222,27 @@ def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: lis
         fallback_end=tail_mean("dirmoe/fallback_frac"),
         capped_end=tail_mean("dirmoe/capped_frac"),
         layers=summaries,
+        ood=dict(loss=ood_loss, tokens=int(ood_classes_T.numel()), layers=ood_summaries),
         history=history,
     )
     record_path.write_text(json.dumps(record))
 
 
+def _window_batch(windows: list[list[int]], device: str) -> dict:
+    """Next-token batch from id windows of length s + 1 (see `ood_sequences`)."""
+    import torch
+
+    ids = torch.tensor(windows, dtype=torch.long, device=device)
+    tokens, labels = ids[:, :-1], ids[:, 1:]
+    positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+    return {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(tokens).float(),
+            "position_ids": positions}
+
+
 # ---------------------------------------------------------------------- orchestration
 def _run_all(preset_name: str, preset: Preset, specs: dict[str, RouterSpec], work_root: Path,
-             extra: list[str], jobs: int, heldout_split: str = "test") -> None:
+             extra: list[str], jobs: int, heldout_split: str = "test",
+             threads: Optional[int] = None) -> None:
     """Train every (router, seed) without a record under ``work_root/records``, `jobs` at a
     time, each in its own process (Megatron's global state is per process)."""
     runs_dir = work_root / "records"
@@ -228,7 +268,7 @@ def _run_all(preset_name: str, preset: Preset, specs: dict[str, RouterSpec], wor
     if not todo:
         return
     (work_root / "data").mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     running: list[tuple[subprocess.Popen, Path, float]] = []
     t_start = time.time()
     while todo or running:
@@ -273,9 +313,22 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var) if len(values) > 1 else 0.0
 
 
-def _layer_mean(record: dict, key: str) -> float:
-    values = [layer[key] for layer in record["layers"]]
+def _layer_mean(record: dict, key: str, part: str = "layers") -> Optional[float]:
+    layers = record[part] if part == "layers" else (record.get("ood") or {}).get("layers")
+    if not layers:
+        return None
+    values = [layer[key] for layer in layers]
     return sum(values) / len(values)
+
+
+def _min_expert_load(record: dict) -> float:
+    """The least-loaded expert of any layer on held-out tokens, relative to uniform (1/E)."""
+    return min(min(layer["load_fraction"]) * len(layer["load_fraction"])
+               for layer in record["layers"])
+
+
+def _min_layer_effective(record: dict) -> float:
+    return min(layer["effective_experts"] for layer in record["layers"])
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -297,6 +350,11 @@ def summarize(records: list[dict]) -> list[dict]:
             "eval_active": [_layer_mean(r, "active_experts") for r in recs],
             "load_cv": [_layer_mean(r, "load_cv") for r in recs],
             "effective_experts": [_layer_mean(r, "effective_experts") for r in recs],
+            "min_layer_effective": [_min_layer_effective(r) for r in recs],
+            "min_expert_load": [_min_expert_load(r) for r in recs],
+            "ood_loss": [(r.get("ood") or {}).get("loss") for r in recs],
+            "ood_effective_experts": [_layer_mean(r, "effective_experts", "ood") for r in recs],
+            "ood_active": [_layer_mean(r, "active_experts", "ood") for r in recs],
             "mi_bits": [_layer_mean(r, "mi_bits") for r in recs],
             "mi_normalized": [_layer_mean(r, "mi_normalized") for r in recs],
             "routing_entropy_bits": [_layer_mean(r, "routing_entropy_bits") for r in recs],
@@ -320,10 +378,15 @@ _COLUMNS = (
     ("eval_active", "active/token (held-out)", "{:.2f}"),
     ("load_cv", "load CV", "{:.2f}"),
     ("effective_experts", "eff. experts (1/Simpson)", "{:.2f}"),
+    ("min_layer_effective", "lowest layer eff.", "{:.2f}"),
+    ("min_expert_load", "min expert load / uniform", "{:.2f}"),
     ("mi_bits", "MI(token class; expert) bits", "{:.3f}"),
     ("routing_entropy_bits", "routing entropy bits", "{:.2f}"),
     ("fallback", "fallback", "{:.3f}"),
     ("capped", "capped", "{:.3f}"),
+    ("ood_loss", "OOD loss", "{:.3f}"),
+    ("ood_effective_experts", "OOD eff. experts", "{:.2f}"),
+    ("ood_active", "OOD active/token", "{:.2f}"),
 )
 
 
@@ -524,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="subset of: " + ", ".join(routers("0")))
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--jobs", type=int, default=None, help="runs trained at the same time")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: CPU cores / jobs)")
     parser.add_argument("--out", type=Path, default=None,
                         help="table and pictures (default docs/router_comparison/<preset>)")
     parser.add_argument("--work", type=Path, default=None,
@@ -578,7 +643,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not opts.render_only:
         t0 = time.time()
         _run_all(opts.preset, preset, specs, work_root, extra, opts.jobs or preset.jobs,
-                 opts.heldout_split)
+                 opts.heldout_split, opts.threads)
         print(f"[compare] all runs done in {(time.time() - t0) / 60:.1f} min", flush=True)
     render(out, work_root, opts.preset, command.strip())
 

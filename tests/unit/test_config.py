@@ -17,10 +17,11 @@ from megatron_dirmoe.config import (
 
 
 def test_paper_defaults():
-    cfg = DirMoEConfig()
+    cfg = DirMoEConfig(recipe="paper")
     assert (cfg.target_k, cfg.route_threshold, cfg.tau_start, cfg.tau_end) == (1, 0.125, 2.0, 0.3)
     assert (cfg.prior_scale_start, cfg.prior_scale_end, cfg.posterior_scale) == (0.5, 0.3, 20.0)
     assert (cfg.alpha_lo, cfg.alpha_floor, cfg.kl_weight, cfg.sparsity_weight) == (0.05, 0.005, 1e-2, 1e-2)
+    assert cfg.renormalize is True and cfg.slab == "gated"
     assert (cfg.recon_variance, cfg.leak) == (1.0, 1e-3)
     assert cfg.max_active_for(8) == 4 and cfg.max_active_for(2) == 2
     assert cfg.prior_ratio_for(8) == DEFAULT_PRIOR_RATIO == 39.7
@@ -29,6 +30,22 @@ def test_paper_defaults():
     # r derived from the prior mass: m (E - k) / ((1 - m) k)
     assert DirMoEConfig(prior_mass=0.9).prior_ratio_for(8) == pytest.approx(63.0)
     assert DirMoEConfig(prior_mass=0.85).prior_ratio_for(8) == pytest.approx(39.6667, rel=1e-4)
+
+
+def test_calibrated_recipe_defaults_depend_on_k():
+    """The default recipe trains near the posterior mean without the Dirichlet KL, renormalises
+    the weights over the active set from k = 2 on, and sets the count penalty by that choice."""
+    one, two = DirMoEConfig(), DirMoEConfig(target_k=2)
+    assert one.recipe == "calibrated" and one.slab == "gate"
+    assert (one.posterior_scale, one.kl_weight, one.balance_weight) == (1000.0, 0.0, 0.1)
+    assert (one.renormalize, one.count_weight) == (False, 0.1)
+    assert (two.renormalize, two.count_weight) == (True, 0.01)
+    # A given value wins; the count weight follows a renormalisation that is given.
+    assert DirMoEConfig(target_k=2, renormalize=False).count_weight == 0.1
+    assert DirMoEConfig(target_k=1, renormalize=True).count_weight == 0.01
+    assert DirMoEConfig(target_k=2, count_weight=0.05).count_weight == 0.05
+    # Resolved once: the stored dict holds numbers and rebuilds the same config.
+    assert DirMoEConfig(**dataclasses.asdict(two)) == two
 
 
 def test_frozen():
@@ -116,26 +133,51 @@ def test_cli_rejects_bad_value_with_flag_name():
 def test_recipes_select_rule_fallback_and_weights():
     calibrated = DirMoEConfig(target_k=2, count_weight=0.2, balance_weight=0.3)
     assert calibrated.recipe == "calibrated"  # the default
-    assert (calibrated.routing_rule, calibrated.fallback_k) == ("gate", 2)
+    assert (calibrated.routing_rule, calibrated.fallback_k, calibrated.slab) == ("gate", 2, "gate")
     assert (calibrated.effective_count_weight, calibrated.effective_balance_weight) == (0.2, 0.3)
-    paper = DirMoEConfig(recipe="paper", target_k=2, sparsity_weight=0.05)
-    assert (paper.routing_rule, paper.fallback_k) == ("weight", 1)
-    assert (paper.effective_count_weight, paper.effective_balance_weight) == (0.05, 0.0)
+    assert DirMoEConfig(slab_mean="head").slab == "head"  # release 0.1's calibrated recipe
+    for recipe, slab in (("paper", "gated"), ("paper-notes", "head")):
+        paper = DirMoEConfig(recipe=recipe, target_k=2, sparsity_weight=0.05)
+        assert (paper.routing_rule, paper.fallback_k, paper.slab) == ("weight", 1, slab)
+        assert (paper.effective_count_weight, paper.effective_balance_weight) == (0.05, 0.0)
+        assert paper.count_on_sample == (recipe == "paper")
     with pytest.raises(ValueError, match="--dirmoe-recipe"):
         DirMoEConfig(recipe="topk")
     with pytest.raises(ValueError, match="--dirmoe-count-weight"):
         DirMoEConfig(count_weight=float("inf"))
 
 
-def test_stored_config_wins_and_older_checkpoints_mean_the_paper_recipe():
-    """A checkpoint's args carry the resolved config; one written before `recipe` existed
-    trained with the paper recipe, and the flags in the same namespace do not override it."""
-    stored = dataclasses.asdict(DirMoEConfig(target_k=2, schedule_iters=50))
+def _release_01_config(**changes) -> dict:
+    """A resolved config as release 0.1 stored it: no fields added since, concrete values."""
+    stored = dataclasses.asdict(DirMoEConfig(target_k=2, schedule_iters=50, posterior_scale=20.0,
+                                             kl_weight=0.01, count_weight=0.1, renormalize=True))
+    for name in ("slab_mean", "tau_schedule", "tau_decay", "prior_simpson",
+                 "prior_mass_variance", "posterior_simpson"):
+        del stored[name]
+    stored.update(changes)
+    return stored
+
+
+def test_stored_config_wins_and_older_checkpoints_keep_their_recipe():
+    """A checkpoint's args carry the resolved config, and the flags in the same namespace do not
+    override it. One written before `recipe` existed trained with the notes-literal recipe; one
+    whose "paper" predates the three-head recipe too; release 0.1's "calibrated" had its own
+    slab head."""
+    stored = _release_01_config()
     del stored["recipe"]
     args = argparse.Namespace(dirmoe_config=stored, dirmoe_target_k=1, num_experts=8,
                               train_iters=999)
     cfg = dirmoe_config_from_args(args)
-    assert (cfg.recipe, cfg.target_k, cfg.schedule_iters) == ("paper", 2, 50)
+    assert (cfg.recipe, cfg.target_k, cfg.schedule_iters) == ("paper-notes", 2, 50)
+    args.dirmoe_config = _release_01_config(recipe="paper")
+    assert dirmoe_config_from_args(args).recipe == "paper-notes"
+    args.dirmoe_config = _release_01_config(recipe="calibrated")
+    old = dirmoe_config_from_args(args)
+    assert (old.recipe, old.slab, old.posterior_scale, old.count_weight) == (
+        "calibrated", "head", 20.0, 0.1)
+    # Today's stored configs round-trip as they are.
+    args.dirmoe_config = dataclasses.asdict(DirMoEConfig(recipe="paper", schedule_iters=5))
+    assert dirmoe_config_from_args(args) == DirMoEConfig(recipe="paper", schedule_iters=5)
     # From flags, the horizon defaults to --train-iters.
     parser = add_dirmoe_args(argparse.ArgumentParser())
     flags = parser.parse_args(["--dirmoe-target-k", "2"])

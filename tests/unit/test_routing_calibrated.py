@@ -14,6 +14,7 @@ from megatron_dirmoe.config import DirMoEConfig
 from megatron_dirmoe.routing import (
     balance_penalty,
     bernoulli_kl,
+    firing_sums,
     eval_active_count,
     route,
     routing_regularizers,
@@ -23,12 +24,15 @@ E = 8
 
 
 def _route(spike, slab, bias, tau, training, *, max_active=E, cfg=None):
-    cfg = cfg or DirMoEConfig(schedule_iters=10)
+    """Rule "gate" with a separate slab head (release 0.1's calibrated recipe, still selectable
+    with --dirmoe-slab-mean head); the gate-logit slab has tests of its own below."""
+    cfg = cfg or DirMoEConfig(schedule_iters=10, slab_mean="head", renormalize=True,
+                              posterior_scale=20.0)
     return route(
         spike, slab, bias, tau=tau, posterior_scale=cfg.posterior_scale,
         alpha_floor=cfg.alpha_floor, alpha_ceiling=cfg.alpha_ceiling, leak=cfg.leak,
         route_threshold=cfg.route_threshold, max_active=max_active, renormalize=cfg.renormalize,
-        training=training, rule="gate",
+        training=training, rule="gate", slab=cfg.slab,
     )
 
 
@@ -42,23 +46,56 @@ def test_bernoulli_kl_matches_torch_distributions():
 
 
 def test_balance_penalty_value_and_gradient():
-    """sum_e KL(Bern(mean_t p_te) || Bern(k/E)); its gradient per p_te is
-    (logit(pbar_e) - logit(k/E)) / T (derived by hand)."""
+    """sum_e KL(Bern(k/E) || Bern(pbar_e)) with pbar_e = mean_t pi_te; its gradient with respect
+    to pi_te is (-q / pbar_e + (1 - q) / (1 - pbar_e)) / T (derived by hand)."""
     torch.manual_seed(0)
-    p_TE = (torch.rand(32, E, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
-    k = 2
-    value = balance_penalty(p_TE.mean(0), k)
-    pbar = p_TE.detach().mean(0)
-    q = k / E
-    ref = (pbar * torch.log(pbar / q) + (1 - pbar) * torch.log((1 - pbar) / (1 - q))).sum()
+    T, k = 32, 2
+    logits_TE = (torch.randn(T, E, dtype=torch.float64) * 1.5).requires_grad_()
+    tau = 0.7
+    sums_2E = firing_sums(logits_TE, tau)
+    value = balance_penalty(sums_2E[0] / T, sums_2E[1] / T, k)
+    pi = torch.sigmoid(logits_TE.detach() / tau)
+    pbar, q = pi.mean(0), k / E
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Bernoulli(probs=torch.full_like(pbar, q)),
+        torch.distributions.Bernoulli(probs=pbar)).sum()
     torch.testing.assert_close(value.double(), ref)
     value.backward()
-    logit = lambda x: math.log(x / (1 - x)) if isinstance(x, float) else torch.log(x / (1 - x))
-    expected = ((logit(pbar) - logit(q)) / 32).expand(32, E)
-    torch.testing.assert_close(p_TE.grad, expected)
+    d_pi = ((-q / pbar + (1 - q) / (1 - pbar)) / T).expand(T, E)
+    torch.testing.assert_close(logits_TE.grad, d_pi * pi * (1 - pi) / tau)
     # Zero exactly at the prior, positive away from it.
-    assert balance_penalty(torch.full((E,), q), k).abs() < 1e-6
-    assert balance_penalty(torch.tensor([1.0] + [0.0] * (E - 1)), 1) > 1.0
+    assert balance_penalty(torch.full((E,), q), torch.full((E,), 1 - q), k).abs() < 1e-6
+    assert balance_penalty(torch.tensor([1.0 - 1e-6] + [1e-6] * (E - 1)),
+                           torch.tensor([1e-6] + [1.0 - 1e-6] * (E - 1)), 1) > 1.0
+
+
+def test_a_dead_gate_recovers_under_the_balance_term():
+    """A gate driven far below every clamp (logit -1000 at tau 0.3, so pi underflows in any float
+    format) still gets the full balance gradient, d/db = -(k/E) / tau, and descent on the balance
+    term alone brings its firing rate back to the prior k/E. Under release 0.1's posterior-first
+    KL (p clamped at 1e-6) the same gate had no gradient at all."""
+    torch.manual_seed(1)
+    T, k, tau = 256, 2, 0.3
+    scores_TE = torch.randn(T, E) * 0.5
+    bias = torch.zeros(E)
+    bias[3] = -1e3
+    bias.requires_grad_()
+    sums = firing_sums(scores_TE + bias, tau)
+    balance_penalty(sums[0] / T, sums[1] / T, k).backward()
+    assert bias.grad[3].item() == pytest.approx(-(k / E) / tau, rel=1e-3)
+    flat = bias.detach().clone().requires_grad_()
+    bernoulli_kl(torch.sigmoid((scores_TE + flat) / tau).mean(0), k / E).sum().backward()
+    assert flat.grad[3] == 0.0
+    optimiser = torch.optim.Adam([bias], lr=20.0)
+    decay = torch.optim.lr_scheduler.ExponentialLR(optimiser, 0.985)
+    for _ in range(400):
+        optimiser.zero_grad()
+        sums = firing_sums(scores_TE + bias, tau)
+        balance_penalty(sums[0] / T, sums[1] / T, k).backward()
+        optimiser.step()
+        decay.step()
+    rate_E = torch.sigmoid((scores_TE + bias.detach()) / tau).mean(0)
+    torch.testing.assert_close(rate_E, torch.full((E,), k / E), atol=1e-3, rtol=0)
 
 
 def test_count_penalty_equals_exact_expected_squared_miss():
@@ -100,7 +137,7 @@ def test_relaxed_spike_is_a_bernoulli_pi_sample_and_routing_takes_its_mode(tau):
 
 def test_eval_routes_where_logit_is_non_negative_with_renormalised_mean_slab():
     torch.manual_seed(2)
-    cfg = DirMoEConfig(schedule_iters=10)
+    cfg = DirMoEConfig(schedule_iters=10, posterior_scale=20.0)
     spike, slab = torch.randn(64, E) * 2, torch.randn(64, E)
     bias = torch.full((E,), -0.5)
     res = _route(spike, slab, bias, 0.4, False, max_active=3)
@@ -192,3 +229,67 @@ def test_tokens_whose_gates_all_stay_off_fall_back_to_their_k_most_likely_expert
                 alpha_floor=0.005, alpha_ceiling=1000.0, leak=1e-3, route_threshold=0.125,
                 max_active=4, training=False, rule="gate", fallback_k=2)
     assert (res.routing_map_TE.sum(-1) == 1).all() and res.routing_map_TE[:, 3].all()
+
+
+# ---------------------------------------------------------------------- the gate-logit slab
+def _gate_slab_route(spike, bias, tau, training, *, renormalize=True, max_active=E, k=2):
+    cfg = DirMoEConfig(schedule_iters=10, target_k=k)
+    return route(
+        spike, None, bias, tau=tau, posterior_scale=cfg.posterior_scale,
+        alpha_floor=cfg.alpha_floor, alpha_ceiling=cfg.alpha_ceiling, leak=cfg.leak,
+        route_threshold=cfg.route_threshold, max_active=max_active, renormalize=renormalize,
+        training=training, rule="gate", fallback_k=k, slab="gate",
+    )
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_gate_slab_eval_weights_are_the_softmax_of_the_gate_logits(renormalize):
+    """Evaluation: the posterior mean is softmax(centred gate logits), clamped as a
+    concentration lambda_q * softmax; the weights are its entries on the active set (pi >= 1/2),
+    renormalised over that set or not."""
+    torch.manual_seed(6)
+    spike = torch.randn(64, E) * 2
+    bias = torch.full((E,), -0.4)
+    res = _gate_slab_route(spike, bias, 0.5, False, renormalize=renormalize)
+    centred = spike - spike.mean(-1, keepdim=True)
+    alpha = (1000.0 * torch.softmax(centred, -1)).clamp(0.005, 1000.0)
+    mean = alpha / alpha.sum(-1, keepdim=True)
+    active = res.routing_map_TE
+    assert torch.equal(active[~res.fallback_T], ((centred + bias) >= 0)[~res.fallback_T])
+    expected = mean * active
+    if renormalize:
+        expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(res.probs_TE, expected)
+
+
+def test_gate_slab_gradient_is_the_softmax_over_the_active_set_without_straight_through():
+    """The LM gradient reaches the gate logits only through the weights: with renormalisation
+    it is the softmax Jacobian over the active set, so it sums to zero over a token's active
+    experts (it reorders them but cannot raise or lower the count) and is zero elsewhere."""
+    torch.manual_seed(7)
+    spike = (torch.randn(256, E) * 2).requires_grad_()
+    res = _gate_slab_route(spike, torch.full((E,), -0.3), 0.5, False)
+    c = torch.randn(256, E)
+    (res.probs_TE * c).sum().backward()
+    active = res.routing_map_TE
+    p = res.probs_TE.detach()
+    expected = p * (c - (p * c).sum(-1, keepdim=True))  # d/dl of sum_i c_i softmax_A(l)_i
+    torch.testing.assert_close(spike.grad, expected * active, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(spike.grad.sum(-1), torch.zeros(256), rtol=0, atol=1e-5)
+
+
+def test_gate_slab_single_expert_weight_keeps_a_gradient_without_renormalisation():
+    """At k = 1 a renormalised single weight is always 1 (no gradient for the router); without
+    renormalisation it is the expert's softmax share, whose gradient reaches every logit."""
+    torch.manual_seed(8)
+    spike = (torch.randn(64, E) * 2).requires_grad_()
+    bias = torch.full((E,), -30.0)  # no gate on: every token uses its top-1 fallback
+    res = _gate_slab_route(spike, bias, 1.0, False, renormalize=True, k=1)
+    assert (res.routing_map_TE.sum(-1) == 1).all()
+    torch.testing.assert_close(res.probs_TE.sum(-1), torch.ones(64))
+    (res.probs_TE * torch.randn(64, E)).sum().backward()
+    assert spike.grad.abs().max() == 0
+    spike.grad = None
+    res = _gate_slab_route(spike, bias, 1.0, False, renormalize=False, k=1)
+    (res.probs_TE * torch.randn(64, E)).sum().backward()
+    assert (spike.grad.abs() > 0).all()
