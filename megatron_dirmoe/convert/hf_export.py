@@ -100,6 +100,7 @@ def hf_config_from_megatron(model, config, dirmoe_config, iteration: int, **extr
         router_rule=dirmoe_config.routing_rule,
         router_fallback_k=dirmoe_config.fallback_k,
         router_logit_heads=next(iter(router_rows)) // E,
+        router_slab=dirmoe_config.slab,
         tie_word_embeddings=model.share_embeddings_and_output_weights,
         architectures=["DirMoEForCausalLM"],
         auto_map=dict(AUTO_MAP),
@@ -280,7 +281,10 @@ def convert_to_hf(
                       "Hugging Face tokenizer directory: copied as is, AutoTokenizer will not "
                       "load it", stacklevel=2)
     hf_config = hf_config_from_megatron(
-        model, model.config, dirmoe_config_from_args(args), ckpt_iteration,
+        # calibrated_for: the values the routers were built with (calibrators resolved).
+        model, model.config,
+        dirmoe_config_from_args(args).calibrated_for(model.config.num_moe_experts),
+        ckpt_iteration,
         **(_special_token_ids(hf_tokenizer) if hf_tokenizer is not None else {}),
     )
     hf_state = megatron_state_to_hf(model.state_dict(), hf_config)

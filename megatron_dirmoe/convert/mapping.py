@@ -99,6 +99,8 @@ TABLE: tuple[Rule, ...] = (
     # ---- MoE: router (the heads [W_z; W_v; ...] stay stacked: both sides compute one GEMM)
     Rule("moe_layer", (_L + "mlp.router.weight",), (_H + "mlp.router.weight",)),
     Rule("moe_layer", (_L + "mlp.router.spike_bias",), (_H + "mlp.router.spike_bias",)),
+    Rule("moe_layer", (_L + "mlp.router.slab_bias",), (_H + "mlp.router.slab_bias",),
+         requires=("slab_bias",)),
     # ---- MoE: routed experts, per expert in Megatron, packed [E, ...] in HF
     Rule("experts", (_E + "linear_fc1.weight",), (_HE + "gate_up_proj",),
          transform="stack_experts", requires=("gated",)),
@@ -138,6 +140,8 @@ def layout_from_hf_config(config: Any) -> Layout:
         features.add("qk_norm")
     if not config.tie_word_embeddings:
         features.add("untied")
+    if getattr(config, "router_slab", "head") == "gated":
+        features.add("slab_bias")
     if config.shared_expert_intermediate_size:
         features.add("shared_expert")
         if config.shared_expert_gate:

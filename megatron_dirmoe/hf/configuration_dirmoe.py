@@ -23,8 +23,11 @@ class DirMoEHFConfig(PretrainedConfig):
     0-based indices of the MoE layers (from `--moe-layer-freq`), `normalization` is
     "RMSNorm" or "LayerNorm", `head_dim` is `--kv-channels`. The `router_*` fields are the
     arguments of `routing.route(..., training=False)`; `router_tau` is tau_z at the iteration
-    the checkpoint was saved (`router_iteration`). `router_logit_heads` is the number of E-row
-    blocks stacked in the router weight (spike and slab logits: 2).
+    the checkpoint was saved (`router_iteration`). `router_slab` is the recipe's slab posterior
+    (`routing.SLABS`: "gate" reads the gate logits, "head" one slab head, "gated" the paper's
+    alpha_hi/alpha_lo heads with a bias); `router_logit_heads` is the number of E-row blocks
+    stacked in the router weight: 1 + the slab's heads (exports before `router_slab` existed
+    have "head" and 2).
 
     `num_experts_per_tok` is the width of the experts' top-k ids under the name transformers'
     MoE models and the serving engines read: `router_max_active`. A token routed to fewer
@@ -68,6 +71,7 @@ class DirMoEHFConfig(PretrainedConfig):
         router_rule: str = "gate",
         router_fallback_k: Optional[int] = None,
         router_logit_heads: int = 2,
+        router_slab: str = "head",
         num_experts_per_tok: Optional[int] = None,
         initializer_range: float = 0.02,
         use_cache: bool = True,
@@ -111,6 +115,7 @@ class DirMoEHFConfig(PretrainedConfig):
         self.router_fallback_k = router_fallback_k or (
             router_target_k if router_rule == "gate" else 1)
         self.router_logit_heads = router_logit_heads
+        self.router_slab = router_slab
         if num_experts_per_tok not in (None, self.router_max_active):
             raise ValueError(f"num_experts_per_tok={num_experts_per_tok} differs from "
                              f"router_max_active={self.router_max_active}; it is its alias")
@@ -140,9 +145,15 @@ class DirMoEHFConfig(PretrainedConfig):
         if not 1 <= self.router_fallback_k <= self.router_max_active:
             raise ValueError(f"router_fallback_k={self.router_fallback_k}: allowed "
                              f"1..router_max_active={self.router_max_active}")
-        if self.router_logit_heads < 2:
-            raise ValueError(f"router_logit_heads={self.router_logit_heads}: allowed >= 2 "
-                             "(spike and slab logits)")
+        # Slab posterior -> its E-row heads in the router weight (routing.slab_heads; this file
+        # also runs inside an export folder, without the package).
+        slab_heads = {"gate": 0, "head": 1, "gated": 2}
+        if self.router_slab not in slab_heads:
+            raise ValueError(f"router_slab={self.router_slab!r}: allowed {sorted(slab_heads)}")
+        if self.router_logit_heads != 1 + slab_heads[self.router_slab]:
+            raise ValueError(f"router_logit_heads={self.router_logit_heads}: router_slab "
+                             f"{self.router_slab!r} stacks {1 + slab_heads[self.router_slab]} "
+                             "(the spike head and the slab's)")
         if not 1 <= self.router_max_active <= self.num_experts:
             raise ValueError(
                 f"router_max_active={self.router_max_active}: allowed "

@@ -275,8 +275,9 @@ class DirMoEUngatedExperts(nn.Module):
 
 class DirMoERouter(nn.Module):
     """DirMoE router, evaluation path only: the logits of every router head from one fp32 GEMM on
-    the stacked weight (as in Megatron: [W_z; W_v], `config.router_logit_heads` x E rows), then
-    `route(training=False)`."""
+    the stacked weight (as in Megatron: the spike head W_z, then the slab's heads,
+    `config.router_logit_heads` x E rows), then `route(training=False)`. ``slab_bias`` [2E] (the
+    paper's alpha_hi/alpha_lo heads, `router_slab="gated"`) only where the slab has one."""
 
     def __init__(self, config: DirMoEHFConfig):
         super().__init__()
@@ -284,6 +285,8 @@ class DirMoERouter(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(config.router_logit_heads * config.num_experts, config.hidden_size))
         self.spike_bias = nn.Parameter(torch.empty(config.num_experts))
+        self.slab_bias = (nn.Parameter(torch.empty(2 * config.num_experts))
+                          if config.router_slab == "gated" else None)
         self.route_kwargs = dict(
             tau=config.router_tau,
             posterior_scale=config.router_posterior_scale,
@@ -295,15 +298,18 @@ class DirMoERouter(nn.Module):
             renormalize=config.router_renormalize,
             rule=config.router_rule,
             fallback_k=config.router_fallback_k,
+            slab=config.router_slab,
             training=False,
         )
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (probs [T, E] fp32, zero off the active set; routing map [T, E] bool)."""
         logits_TnE = F.linear(x_TD.float(), self.weight.float())
-        # Heads in the order Megatron stacks them: spike (which experts), slab (how much).
-        spike_TE, slab_TE = logits_TnE.split(self.num_experts, dim=-1)[:2]
-        result = route(spike_TE, slab_TE, self.spike_bias, **self.route_kwargs)
+        # Heads in the order Megatron stacks them: spike (which experts), then the slab's.
+        spike_TE, slab_TS = logits_TnE[:, :self.num_experts], logits_TnE[:, self.num_experts:]
+        slab_bias = None if self.slab_bias is None else self.slab_bias.float()
+        result = route(spike_TE, slab_TS if slab_TS.shape[-1] else None, self.spike_bias,
+                       slab_bias_S=slab_bias, **self.route_kwargs)
         return result.probs_TE, result.routing_map_TE
 
 
@@ -397,6 +403,8 @@ class DirMoEPreTrainedModel(PreTrainedModel):
         if isinstance(module, DirMoERouter):
             _init.normal_(module.weight, mean=0.0, std=std)
             _init.zeros_(module.spike_bias)
+            if module.slab_bias is not None:
+                _init.zeros_(module.slab_bias)
         elif isinstance(module, (DirMoEExperts, DirMoEUngatedExperts)):
             for param in module.parameters(recurse=False):
                 _init.normal_(param, mean=0.0, std=std)

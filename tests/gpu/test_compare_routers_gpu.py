@@ -25,12 +25,12 @@ def test_gpu_small_preset_runs_every_router_kind(tmp_path):
     spec.loader.exec_module(compare)
     out, work = tmp_path / "out", tmp_path / "work"
     compare.main(["--preset", "gpu-small", "--out", str(out), "--work", str(work),
-                  "--routers", "dirmoe-k2-aux", "softmax-top2", "sigmoid-top2-bias",
+                  "--routers", "dirmoe-k2-paper-aux", "softmax-top2", "sigmoid-top2-bias",
                   "sinkhorn-top1", "--", "--train-iters", "4", "--eval-interval", "4",
                   "--eval-iters", "1", "--log-interval", "2"])
     rows = {r["router"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
-    assert set(rows) == {"dirmoe-k2-aux", "softmax-top2", "sigmoid-top2-bias", "sinkhorn-top1"}
+    assert set(rows) == {"dirmoe-k2-paper-aux", "softmax-top2", "sigmoid-top2-bias", "sinkhorn-top1"}
     for row in rows.values():
         assert 5.0 < row["heldout_loss"] < 10.0 and row["tokens_per_s"] > 0
-    record = json.loads((work / "records" / "dirmoe-k2-aux_seed1234.json").read_text())
+    record = json.loads((work / "records" / "dirmoe-k2-paper-aux_seed1234.json").read_text())
     assert record["device"] == "cuda" and len(record["layers"]) == 8

@@ -159,7 +159,13 @@ def test_folder_contents_and_config(exported):
             saved |= set(f.keys())
     # transformers' MoE layout: packed [E, ...] experts, fixed-width top-k under its name.
     assert config["num_experts_per_tok"] == config["router_max_active"]
-    assert config["router_logit_heads"] == 2
+    # The router's heads stay stacked: the calibrated recipe's slab reads the gate logits (one
+    # head), the paper's has alpha_hi and alpha_lo heads with a bias (three heads).
+    assert config["router_slab"] == dcfg.slab == ("gate" if name == "rms_gqa_freq_shared"
+                                                  else "gated")
+    assert config["router_logit_heads"] == (1 if dcfg.slab == "gate" else 3)
+    slab_bias = f"model.layers.{config['moe_layers'][0]}.mlp.router.slab_bias"
+    assert (slab_bias in saved) == (dcfg.slab == "gated")
     first_moe = config["moe_layers"][0]
     expert_tensors = {k for k in saved if k.startswith(f"model.layers.{first_moe}.mlp.experts.")}
     gated = name == "rms_gqa_freq_shared"

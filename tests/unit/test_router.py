@@ -44,15 +44,50 @@ def _aux_grads(router, hidden, padding_mask=None, seed=0):
     return router.weight.grad.clone(), router.spike_bias.grad.clone()
 
 
-def test_parameters_and_initialisation(router_factory):
-    router = router_factory(target_k=2)
-    assert router.weight.shape == (2 * E, H) and router.weight.dtype == torch.float32
+@pytest.mark.parametrize("recipe, rows, slab_bias", [
+    ("calibrated", E, False),      # gate-logit slab: the gate head W_z only
+    ("paper", 3 * E, True),        # W_z, then the alpha_hi and alpha_lo heads with their bias
+    ("paper-notes", 2 * E, False),  # W_z and one slab head W_v
+])
+def test_parameters_and_initialisation(router_factory, recipe, rows, slab_bias):
+    router = router_factory(recipe=recipe, target_k=2)
+    assert router.weight.shape == (rows, H) and router.weight.dtype == torch.float32
     assert router.spike_bias.shape == (E,)
     expected_bias = 2.0 * math.log((2 / E) / (1 - 2 / E))  # tau_0 * logit(k/E)
     torch.testing.assert_close(router.spike_bias.detach(), torch.full((E,), expected_bias))
-    for p in (router.weight, router.spike_bias):
+    params = [router.weight, router.spike_bias]
+    if slab_bias:
+        # softplus(bias) = the prior's alpha_hi (first E) and alpha_lo (last E) at the start.
+        cfg = router.dirmoe_config
+        alpha = torch.nn.functional.softplus(router.slab_bias.detach())
+        torch.testing.assert_close(alpha[:E], torch.full((E,), router.prior_ratio * cfg.alpha_lo))
+        torch.testing.assert_close(alpha[E:], torch.full((E,), cfg.alpha_lo))
+        params.append(router.slab_bias)
+    else:
+        assert router.slab_bias is None
+    for p in params:
         assert hasattr(p, "sequence_parallel")
     assert router.max_active == 8  # min(E, 4k)
+
+
+def _reference_route(router, hidden):
+    """`route` on leaf copies of the router's parameters, as the router's forward calls it:
+    (result, weight, spike bias) for an independent objective's backward."""
+    cfg = router.dirmoe_config
+    weight = router.weight.detach().clone().requires_grad_()
+    bias = router.spike_bias.detach().clone().requires_grad_()
+    slab_bias = None if router.slab_bias is None else router.slab_bias.detach().clone()
+    torch.manual_seed(0)
+    logits = hidden.reshape(-1, H) @ weight.T
+    res = route(
+        logits[:, :E], logits[:, E:] if router.slab_heads else None, bias,
+        tau=router.temperature, posterior_scale=cfg.posterior_scale,
+        alpha_floor=cfg.alpha_floor, alpha_ceiling=cfg.alpha_ceiling, leak=cfg.leak,
+        route_threshold=cfg.route_threshold, max_active=router.max_active,
+        renormalize=cfg.renormalize, training=True, rule=cfg.routing_rule,
+        fallback_k=cfg.fallback_k, slab=cfg.slab, slab_bias_S=slab_bias,
+    )
+    return res, weight, bias
 
 
 def test_forward_shapes_invariants_and_eval_determinism(router_factory):
@@ -97,27 +132,19 @@ def test_attached_losses_equal_the_reference_objective(router_factory, recipe):
     grad_w, grad_b = _aux_grads(router, hidden)
 
     cfg = router.dirmoe_config
-    rule = "gate" if recipe == "calibrated" else "weight"
-    weight = router.weight.detach().clone().requires_grad_()
-    bias = router.spike_bias.detach().clone().requires_grad_()
-    torch.manual_seed(0)
-    logits = hidden.reshape(-1, H) @ weight.T
-    res = route(
-        logits[:, :E], logits[:, E:], bias, tau=router.temperature,
-        posterior_scale=cfg.posterior_scale, alpha_floor=cfg.alpha_floor,
-        alpha_ceiling=cfg.alpha_ceiling, leak=cfg.leak, route_threshold=cfg.route_threshold,
-        max_active=router.max_active, training=True, rule=rule, fallback_k=cfg.fallback_k,
-    )
+    rule = cfg.routing_rule
+    res, weight, bias = _reference_route(router, hidden)
     kl, pen = routing_regularizers(
         res, prior_scale=router.prior_scale, alpha_lo=cfg.alpha_lo, prior_ratio=router.prior_ratio,
         alpha_floor=cfg.alpha_floor, alpha_ceiling=cfg.alpha_ceiling, target_k=cfg.target_k,
-        rule=rule,
+        rule=rule, count_on_sample=cfg.count_on_sample,
     )
     objective = (0.3 * kl + 0.7 * pen).mean()
     if recipe == "calibrated":
-        pbar = res.gate_prob_TE.mean(0).clamp(1e-6, 1 - 1e-6)
+        # Reverse KL of the gates' mean firing rates: sum_e KL(Bern(k/E) || Bern(pbar_e)).
+        pbar = torch.sigmoid(res.logits_TE / router.temperature).mean(0)
         q = 2 / E
-        balance = (pbar * torch.log(pbar / q) + (1 - pbar) * torch.log((1 - pbar) / (1 - q))).sum()
+        balance = (q * torch.log(q / pbar) + (1 - q) * torch.log((1 - q) / (1 - pbar))).sum()
         objective = objective + cfg.balance_weight * balance
     (2.0 * objective).backward()
     torch.testing.assert_close(grad_w, weight.grad, rtol=1e-5, atol=1e-7)
@@ -250,19 +277,8 @@ def test_aux_loss_is_switch_loss_on_normalised_gate_probabilities(router_factory
     router.set_iteration(10)
     grad_w, grad_b = _aux_grads(router, hidden)
 
-    weight = router.weight.detach().clone().requires_grad_()
-    bias = router.spike_bias.detach().clone().requires_grad_()
-    torch.manual_seed(0)
-    logits = hidden.reshape(-1, H) @ weight.T
-    cfg = router.dirmoe_config
-    res = route(
-        logits[:, :E], logits[:, E:], bias, tau=router.temperature,
-        posterior_scale=cfg.posterior_scale, alpha_floor=cfg.alpha_floor,
-        alpha_ceiling=cfg.alpha_ceiling, leak=cfg.leak, route_threshold=cfg.route_threshold,
-        max_active=router.max_active, training=True, rule=cfg.routing_rule,
-        fallback_k=cfg.fallback_k,
-    )
-    num_tokens = logits.shape[0]
+    res, weight, bias = _reference_route(router, hidden)
+    num_tokens = res.routing_map_TE.shape[0]
     load = res.routing_map_TE.sum(0).float()
     scores = res.gate_prob_TE / res.gate_prob_TE.sum(-1, keepdim=True)
     switch = coeff * E / (num_tokens * num_tokens * 2) * (load * scores.sum(0)).sum()

@@ -288,8 +288,8 @@ def test_gate_slab_single_expert_weight_keeps_a_gradient_without_renormalisation
     assert (res.routing_map_TE.sum(-1) == 1).all()
     torch.testing.assert_close(res.probs_TE.sum(-1), torch.ones(64))
     (res.probs_TE * torch.randn(64, E)).sum().backward()
-    assert spike.grad.abs().max() == 0
+    assert spike.grad.abs().max() < 1e-6  # p / p: zero up to round-off
     spike.grad = None
     res = _gate_slab_route(spike, bias, 1.0, False, renormalize=False, k=1)
     (res.probs_TE * torch.randn(64, E)).sum().backward()
-    assert (spike.grad.abs() > 0).all()
+    assert (spike.grad.abs() > 0).all() and spike.grad.abs().max() > 1e-2
