@@ -182,8 +182,8 @@ class DirMoEConfig:
     )
     balance_weight: float = _doc(
         "recipe 'calibrated' only: weight beta_z of the aggregate spike prior "
-        "sum_e KL(Bern(mean_t p_te) || Bern(k/E)) over each micro-batch's tokens (balances the "
-        "load); >= 0",
+        "sum_e KL(Bern(k/E) || Bern(mean_t pi_te)) over each micro-batch's tokens (balances the "
+        "load; prior first, so a gate that never fires still gets a gradient); >= 0",
         default=1e-1,
     )
     slab_mean: str = _doc(

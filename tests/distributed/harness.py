@@ -272,8 +272,8 @@ class _NoiseAligner:
 
         # Rows are [s, b] flattened (s major) and SP shards s contiguously, so the micro-batch's
         # rows are the TP shards' rows concatenated in rank order.
-        def to_global(x):
-            return _GatherRows.apply(x, tp_group) if tp > 1 else x
+        def to_global(x):  # None: the calibrated recipe's slab reads the gate logits
+            return _GatherRows.apply(x, tp_group) if tp > 1 and x is not None else x
 
         def to_local(x):
             if not torch.is_tensor(x) or x.dim() == 0:
