@@ -339,7 +339,12 @@ class DirMoEConfig:
     def slab(self) -> str:
         """The `routing.route` slab: 'gated' (paper: alpha_hi/lo heads mixed by the relaxed
         gate), 'head' (paper-notes: one slab head) or `slab_mean` (calibrated)."""
-        return {"paper": "gated", "paper-notes": "head"}.get(self.recipe, self.slab_mean)
+        return self.slab_of(self.recipe, self.slab_mean)
+
+    @staticmethod
+    def slab_of(recipe: str, slab_mean: str = "gate") -> str:
+        """`slab` for a recipe name and a `slab_mean` (e.g. from a stored config dict)."""
+        return {"paper": "gated", "paper-notes": "head"}.get(recipe, slab_mean)
 
     @property
     def count_on_sample(self) -> bool:

@@ -12,7 +12,9 @@ Model FLOPs per token, forward pass, counting a multiply-add as 2 FLOPs (``n`` h
     attention  = 4 h d (n + g)                QKV and output projections
                + 2 s n d                      QK^T and AV under the causal mask (half of 4 s n d)
     dense MLP  = 2 h f m                      m = 3 with SwiGLU (gate, up, down), else 2
-    MoE layer  = 2 h R                        router GEMM: R = 2E for DirMoE ([2E, h]), E for top-k
+    MoE layer  = 2 h R                        router GEMM: R = (1 + slab heads) E for DirMoE (E for
+                                             the default gate-logit slab, 3E for the paper
+                                             recipe, 2E for paper-notes), E for top-k
                + k_l * 2 h f_moe m            k_l = realised active experts per token, layer l
                + 2 h f_shared m               shared expert, if any
     logits     = 2 h V
@@ -72,6 +74,21 @@ def _get(args: Any, name: str, default=None):
     return default if value is None else value
 
 
+def _router_rows(args: Any, experts: int) -> int:
+    """Rows of the router's gating weight: E for top-k; for DirMoE the gate head plus the
+    recipe's slab heads (`routing.slab_heads`), read from the resolved ``args.dirmoe_config``
+    (the default recipe's when absent)."""
+    if getattr(args, "dirmoe_router", "dirichlet") != "dirichlet":
+        return experts
+    from megatron_dirmoe.config import DirMoEConfig
+    from megatron_dirmoe.routing import slab_heads
+
+    stored = getattr(args, "dirmoe_config", None) or {}
+    slab = DirMoEConfig.slab_of(stored.get("recipe", "calibrated"),
+                                stored.get("slab_mean", "gate"))
+    return (1 + slab_heads(slab)) * experts
+
+
 def forward_flops_per_token(args: Any, active_experts: Sequence[float]) -> float:
     """Forward FLOPs per token of the GPT that Megatron's ``args`` describe, with
     ``active_experts[i]`` experts per token in the i-th MoE layer (see the module docstring)."""
@@ -92,8 +109,7 @@ def forward_flops_per_token(args: Any, active_experts: Sequence[float]) -> float
     flops = layers * attention + (layers - len(moe_layers)) * dense_mlp + 2 * h * vocab
     if moe_layers:
         experts = args.num_experts
-        router_rows = 2 * experts if getattr(args, "dirmoe_router", "dirichlet") == "dirichlet" \
-            else experts
+        router_rows = _router_rows(args, experts)
         f_moe = _get(args, "moe_ffn_hidden_size", _get(args, "ffn_hidden_size", 4 * h))
         shared = _get(args, "moe_shared_expert_intermediate_size", 0)
         per_layer = 2 * h * router_rows + 2 * h * shared * m

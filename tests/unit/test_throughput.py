@@ -20,16 +20,31 @@ def _args(**overrides):
                 group_query_attention=False, num_query_groups=None, seq_length=32, swiglu=True,
                 ffn_hidden_size=128, moe_ffn_hidden_size=96, num_experts=8, num_layers=2,
                 moe_layer_freq=1, padded_vocab_size=256, moe_shared_expert_intermediate_size=None,
-                dirmoe_router="dirichlet", global_batch_size=4)
+                dirmoe_router="dirichlet", global_batch_size=4,
+                dirmoe_config={"recipe": "paper-notes"})  # one slab head: a [2E, h] router
     args.update(overrides)
     return SimpleNamespace(**args)
 
 
 def test_flops_by_hand():
-    # Per layer: attention 4*64*16*(4+4) + 2*32*4*16 = 36864; router GEMM 2*64*(2*8) = 2048.
-    # Experts: (1.5 + 2.5) * 2*64*96*3 = 147456. Logits 2*64*256 = 32768.
+    # Per layer: attention 4*64*16*(4+4) + 2*32*4*16 = 36864; router GEMM 2*64*(2*8) = 2048
+    # (a [2E, h] router: _args() stores a one-slab-head recipe). Experts: (1.5 + 2.5) * 2*64*96*3
+    # = 147456. Logits 2*64*256 = 32768.
     expected = 2 * 36864 + 2 * 2048 + 147456 + 32768
     assert forward_flops_per_token(_args(), [1.5, 2.5]) == expected == 258048
+
+
+@pytest.mark.parametrize("stored, rows", [
+    (None, 8),  # no stored config: the default recipe, whose slab reads the gate logits
+    ({"recipe": "calibrated", "slab_mean": "gate"}, 8),
+    ({"recipe": "calibrated", "slab_mean": "head"}, 16),
+    ({"recipe": "paper-notes"}, 16),
+    ({"recipe": "paper"}, 24),  # gate logits, alpha_hi and alpha_lo heads
+])
+def test_router_gemm_follows_the_recipe_heads(stored, rows):
+    base = forward_flops_per_token(_args(dirmoe_router="topk"), [2, 2])  # [E, h] gate weight
+    ours = forward_flops_per_token(_args(dirmoe_config=stored), [2, 2])
+    assert ours - base == 2 * (2 * 64 * (rows - 8))  # two MoE layers
     assert training_flops_per_token(_args(), [1.5, 2.5]) == 3 * 258048
     # A dense second layer (--moe-layer-freq [1, 0]): 2*64*128*3 = 49152 instead of its experts.
     assert forward_flops_per_token(_args(moe_layer_freq=[1, 0]), [1.5]) == (
@@ -89,7 +104,7 @@ def test_matches_megatron_estimate_at_fixed_k_plus_router():
     args.dirmoe_router = "dirichlet"
     megatron = num_floating_point_operations(args, batch_size=2) / (2 * 32)
     ours = training_flops_per_token(args, [3.0, 3.0])
-    router = 3 * 2 * (2 * 64 * 16)  # two MoE layers, [2E, h] gating GEMM, x3 for training
+    router = 3 * 2 * (2 * 64 * 8)  # two MoE layers, the default [E, h] gating GEMM, x3 for training
     assert ours - router == pytest.approx(megatron, rel=1e-12)
 
 
