@@ -37,9 +37,15 @@ def _saved_bytes(router, x) -> dict:
     in total and in tensors with the hidden size as last dimension (copies of the input)."""
     params = {p.data_ptr() for p in router.parameters()}
     seen, total, of_input = set(), 0, 0
+    # Every packed tensor is kept alive until the count is done: a tensor saved by a graph
+    # branch that is dropped during the forward would otherwise free its storage, and a later
+    # tensor at the same address would be taken for the same one (a count that depends on the
+    # allocator).
+    alive = []
 
     def pack(t):
         nonlocal total, of_input
+        alive.append(t)
         key = (t.untyped_storage().data_ptr(), t.dtype)
         if t.data_ptr() not in params and key not in seen:
             seen.add(key)
