@@ -130,6 +130,7 @@ class DirichletRouter(Router):
             count_on_sample=cfg.count_on_sample,
             loss_scale_kl=cfg.recon_variance * cfg.kl_weight,
             loss_scale_sparsity=cfg.recon_variance * cfg.effective_count_weight,
+            with_balance=cfg.recon_variance * cfg.effective_balance_weight > 0,
         )
         self.balance_scale = cfg.recon_variance * cfg.effective_balance_weight
         self.reset_parameters()
@@ -564,6 +565,7 @@ def _routing_step(
     count_on_sample: bool,
     loss_scale_kl: float,
     loss_scale_sparsity: float,
+    with_balance: bool = True,
 ):
     """Everything the router computes per step, as one function of tensors (so torch.compile
     can fuse it on CUDA): routing, padding, the summed regulariser, statistics."""
@@ -607,7 +609,8 @@ def _routing_step(
         if valid_T is not None:
             per_token_T = per_token_T * valid_T
         loss_sum = per_token_T.sum()
-        firing_2E = firing_sums(result.logits_TE, tau, valid_T)
+        # The firing sums feed only the balance term (none in the paper recipes).
+        firing_2E = firing_sums(result.logits_TE, tau, valid_T) if with_balance else None
         # Statistics are recorded only by the forward that builds the graph (see `routing`):
         # evaluation and the no-grad first pass of activation recompute skip them.
         stats, load_E = routing_statistics(
