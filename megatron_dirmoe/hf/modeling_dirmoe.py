@@ -224,6 +224,16 @@ def _eager_experts(experts: nn.Module, x_TD: torch.Tensor, top_k_index_TM: torch
     return out_TD
 
 
+def _init_packed_experts(module: nn.Module, config: DirMoEHFConfig) -> None:
+    """What both packed-expert layouts share: sizes, `down_proj` [E, D, F], the activation."""
+    module.num_experts = config.num_experts
+    module.hidden_dim = config.hidden_size
+    module.intermediate_dim = config.moe_intermediate_size
+    module.down_proj = nn.Parameter(
+        torch.empty(config.num_experts, config.hidden_size, config.moe_intermediate_size))
+    module.act_fn = ACT2FN[config.hidden_act]
+
+
 @use_experts_implementation
 class DirMoEExperts(nn.Module):
     """Routed SwiGLU-style experts as packed 3-D weights: `gate_up_proj` [E, 2F, D] holds each
@@ -233,13 +243,9 @@ class DirMoEExperts(nn.Module):
 
     def __init__(self, config: DirMoEHFConfig):
         super().__init__()
-        self.num_experts = config.num_experts
-        self.hidden_dim = config.hidden_size
-        self.intermediate_dim = config.moe_intermediate_size
-        E, D, F_ = self.num_experts, self.hidden_dim, self.intermediate_dim
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))
-        self.down_proj = nn.Parameter(torch.empty(E, D, F_))
-        self.act_fn = ACT2FN[config.hidden_act]
+        _init_packed_experts(self, config)
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -257,13 +263,9 @@ class DirMoEUngatedExperts(nn.Module):
 
     def __init__(self, config: DirMoEHFConfig):
         super().__init__()
-        self.num_experts = config.num_experts
-        self.hidden_dim = config.hidden_size
-        self.intermediate_dim = config.moe_intermediate_size
-        E, D, F_ = self.num_experts, self.hidden_dim, self.intermediate_dim
-        self.up_proj = nn.Parameter(torch.empty(E, F_, D))
-        self.down_proj = nn.Parameter(torch.empty(E, D, F_))
-        self.act_fn = ACT2FN[config.hidden_act]
+        _init_packed_experts(self, config)
+        self.up_proj = nn.Parameter(
+            torch.empty(self.num_experts, self.intermediate_dim, self.hidden_dim))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
