@@ -34,17 +34,22 @@ RECIPES = ("calibrated", "paper", "paper-notes")
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # Near the posterior mean and without the Dirichlet KL: at the scales measured, the sampling
     # noise and the KL cost held-out loss.
+    # The count is held by the per-layer count controller rather than a penalty.
     "calibrated": dict(posterior_scale=1000.0, kl_weight=0.0, renormalize=None,
-                       count_weight=None),
-    # The paper's values (Table 4, eq. 16); count_weight is unused by these recipes.
-    "paper": dict(posterior_scale=20.0, kl_weight=1e-2, renormalize=True, count_weight=0.1),
+                       count_weight=None, count_control_rate=3e-2),
+    # The paper's values (Table 4, eq. 16); count_weight and the count controller are unused
+    # by these recipes.
+    "paper": dict(posterior_scale=20.0, kl_weight=1e-2, renormalize=True, count_weight=0.1,
+                  count_control_rate=0.0),
     "paper-notes": dict(posterior_scale=20.0, kl_weight=1e-2, renormalize=True,
-                        count_weight=0.1),
+                        count_weight=0.1, count_control_rate=0.0),
 }
 
 # Fields added after runs first stored their resolved config, with the value those runs used:
 # a checkpoint without `recipe` trained with the notes-literal recipe (then called "paper").
-IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper-notes", "slab_mean": "head"}
+# A stored config without `count_control_rate` held its count with the count penalty alone.
+IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper-notes", "slab_mean": "head",
+                                 "count_control_rate": 0.0}
 # A stored config without this field predates the three-head "paper" recipe: its "paper" is
 # today's "paper-notes".
 _FIELD_OF_THREE_HEAD_RELEASE = "tau_schedule"
@@ -176,8 +181,18 @@ class DirMoEConfig:
     count_weight: Optional[float] = _doc(
         "recipe 'calibrated' only: weight of the count penalty E[(N - k)^2], the expected "
         "squared miss of the count N of gates that fire (N = sum_i Bernoulli(pi_i)); >= 0. "
-        "Default 0.1 without renormalisation (k = 1), 0.01 with it (k >= 2), where a stronger "
-        "penalty would also flatten the weights among the active experts",
+        "Default 0.1 when the weights are not renormalised (k = 1); when they are (k >= 2), 0 "
+        "with the count controller (--dirmoe-count-control-rate > 0), which holds the count "
+        "without pushing every gate to 0 or 1, and 0.01 without it",
+        default=None,
+    )
+    count_control_rate: Optional[float] = _doc(
+        "recipe 'calibrated' only: step of the per-layer count controller. Each MoE layer "
+        "routes expert i where l_i + c >= 0, with c a bias shared by the layer's experts; after "
+        "every optimizer step c moves up by this step when the global batch's mean count of "
+        "routed experts per token was below k and down when above (sign rule, as DeepSeek-V3's "
+        "expert bias holds each expert's load). c only moves the routing decision: the weights, "
+        "pi and the balance term do not see it. 0 turns the controller off; >= 0, default 0.03",
         default=None,
     )
     balance_weight: float = _doc(
@@ -245,7 +260,8 @@ class DirMoEConfig:
         for name in ("tau_start", "tau_end", "prior_scale_start", "prior_scale_end",
                      "posterior_scale", "alpha_lo", "alpha_floor", "recon_variance", "leak"):
             positive(name)
-        for name in ("kl_weight", "sparsity_weight", "count_weight", "balance_weight"):
+        for name in ("kl_weight", "sparsity_weight", "count_weight", "balance_weight",
+                     "count_control_rate"):
             non_negative(name)
         if self.prior_scale_schedule not in ("cosine", "exponential"):
             bad("prior_scale_schedule", "'cosine' or 'exponential'")
@@ -303,8 +319,12 @@ class DirMoEConfig:
         if values["renormalize"] is None:
             values["renormalize"] = isinstance(self.target_k, int) and self.target_k >= 2
         renormalize = self.renormalize if self.renormalize is not None else values["renormalize"]
+        control = (self.count_control_rate if self.count_control_rate is not None
+                   else values["count_control_rate"])
         if values["count_weight"] is None:
-            values["count_weight"] = 0.01 if renormalize else 0.1
+            # k = 1 (no renormalisation) keeps the penalty: without it the gates stay undecided
+            # and most tokens ride the top-k fallback.
+            values["count_weight"] = 0.1 if not renormalize else (0.0 if control else 0.01)
         for name, value in values.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -368,6 +388,11 @@ class DirMoEConfig:
         """The weight of the recipe's count penalty: `count_weight` (calibrated) or
         `sparsity_weight` (paper, paper-notes)."""
         return self.count_weight if self.recipe == "calibrated" else self.sparsity_weight
+
+    @property
+    def effective_count_control_rate(self) -> float:
+        """The count controller's step as applied: the paper recipes have no controller."""
+        return self.count_control_rate if self.recipe == "calibrated" else 0.0
 
     def calibrated_for(self, num_experts: int) -> "DirMoEConfig":
         """A copy with the calibrators resolved: `prior_scale_end` from `prior_simpson` or
@@ -500,8 +525,10 @@ def dirmoe_config_from_args(args: argparse.Namespace,
                 given[f.name] = value
         config = DirMoEConfig(**given)
         # A flag that the chosen recipe ignores is a mistake worth stopping for.
-        ignored = {"paper": ("balance_weight", "count_weight", "slab_mean"),
-                   "paper-notes": ("balance_weight", "count_weight", "slab_mean"),
+        ignored = {"paper": ("balance_weight", "count_weight", "slab_mean",
+                             "count_control_rate"),
+                   "paper-notes": ("balance_weight", "count_weight", "slab_mean",
+                                   "count_control_rate"),
                    "calibrated": ("route_threshold", "sparsity_weight")}[config.recipe]
         for name in ignored:
             if name in given:

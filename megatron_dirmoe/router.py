@@ -40,7 +40,8 @@ from megatron_dirmoe.routing import (
 )
 from megatron_dirmoe.schedules import prior_scale_at, temperature_at
 
-__all__ = ["DirichletRouter", "set_router_iteration", "iter_dirichlet_routers", "METRIC_NAMES",
+__all__ = ["DirichletRouter", "set_router_iteration", "update_count_control",
+           "iter_dirichlet_routers", "METRIC_NAMES",
            "ROUTING_NOISE_RNG", "ROUTING_NOISE_RNG_CPU", "seed_routing_noise", "reset_routing_noise",
            "routing_noise_seed", "routing_noise_rng"]
 
@@ -96,6 +97,17 @@ class DirichletRouter(Router):
         # tensor rather than a buffer, so Megatron's Float16Module (which casts buffers to bf16)
         # cannot round the counts; it follows the logits' device at the first forward.
         self.expert_load = torch.zeros(num_experts, dtype=torch.float32)
+        # The count controller (`DirMoEConfig.count_control_rate`): c [1], a persistent buffer so
+        # checkpoints carry it (kept fp32 like Megatron's expert bias, which Float16Module would
+        # otherwise round to bf16), and the (routed experts, real tokens) sums of this step's
+        # training forwards, which `update_count_control` reduces once per optimizer step. No
+        # buffer without a controller: checkpoints of such runs keep their key set.
+        self.count_control_rate = self.dirmoe_config.effective_count_control_rate
+        if self.count_control_rate > 0:
+            self.register_buffer("count_bias", torch.zeros(1, dtype=torch.float32))
+        else:
+            self.count_bias = None
+        self.count_sums = torch.zeros(2, dtype=torch.float32)
         # Megatron's Switch-style load-balancing loss (--moe-router-load-balancing-type aux_loss
         # --moe-aux-loss-coeff c) on the normalised gate probabilities pi / sum(pi), as
         # TopKRouter applies it to sigmoid scores, with k = target_k.
@@ -220,6 +232,7 @@ class DirichletRouter(Router):
                 valid_T,
                 training=self.training,
                 with_losses=with_losses,
+                count_bias=self._count_bias_fp32(),
                 **self._static_kwargs,
             )
         if with_losses:
@@ -241,7 +254,21 @@ class DirichletRouter(Router):
             # router's statistics: under activation recompute the first forward runs without
             # grad and the re-forward with it, and evaluation passes are not training statistics.
             self._record_metrics(stats, load_E, schedule_2, balance)
+            if self.count_bias is not None:
+                if self.count_sums.device != stats.device:
+                    self.count_sums = self.count_sums.to(stats.device)
+                self.count_sums += stats[:2].flip(0).float()  # (routed experts, real tokens)
         return probs, routing_map
+
+    def _count_bias_fp32(self) -> Optional[torch.Tensor]:
+        """c in fp32 (Megatron's Float16Module casts buffers to the model dtype once)."""
+        if self.count_bias is not None and self.count_bias.dtype != torch.float32:
+            self.count_bias.data = self.count_bias.data.float()
+        return self.count_bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._count_bias_fp32()  # load c at full precision (a bf16 buffer would round it)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Route `input` [s, b, h]; `padding_mask` [s, b] is True at padded tokens."""
@@ -566,6 +593,7 @@ def _routing_step(
     loss_scale_kl: float,
     loss_scale_sparsity: float,
     with_balance: bool = True,
+    count_bias: Optional[torch.Tensor] = None,
 ):
     """Everything the router computes per step, as one function of tensors (so torch.compile
     can fuse it on CUDA): routing, padding, the summed regulariser, statistics."""
@@ -586,6 +614,7 @@ def _routing_step(
         fallback_k=fallback_k,
         slab=slab,
         slab_bias_S=slab_bias_S,
+        count_bias=count_bias,
     )
     probs_TE, routing_map_TE = result.probs_TE, result.routing_map_TE
     if valid_T is not None:
@@ -638,6 +667,36 @@ def iter_dirichlet_routers(model) -> Iterable[DirichletRouter]:
         for module in chunk.modules():
             if isinstance(module, DirichletRouter):
                 yield module
+
+
+def update_count_control(model) -> int:
+    """One step of every count controller in `model` (a module or a list of chunks): c moves
+    by +-rate towards a mean of k routed experts per token over this step's training forwards,
+    summed over the tensor-, data- and context-parallel ranks (one all-reduce for all layers;
+    every rank of that group must call this once per optimizer step, as Megatron calls
+    `finalize_model_grads`). A router that saw no tokens keeps its c. Returns the number of
+    controllers."""
+    routers = [r for r in iter_dirichlet_routers(model) if r.count_bias is not None
+               and r.training]
+    if not routers:
+        return 0
+    with torch.no_grad():
+        device = routers[0].count_bias.device
+        sums_L2 = torch.stack([r.count_sums.to(device) for r in routers])
+        group = routers[0].tp_dp_cp_group
+        if (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and group is not None and group.size() > 1):
+            torch.distributed.all_reduce(sums_L2, group=group)
+        k_L = torch.tensor([float(r.dirmoe_config.target_k) for r in routers], device=device)
+        rate_L = torch.tensor([r.count_control_rate for r in routers], device=device)
+        # Sign rule: a fixed step whatever the size of the miss (so a burst of undecided gates
+        # early in training cannot wind c up), and none without tokens (sign(0) = 0). No host
+        # synchronisation.
+        step_L = torch.sign(k_L * sums_L2[:, 1] - sums_L2[:, 0]) * rate_L
+        for router, step in zip(routers, step_L):
+            router.count_bias.data = router._count_bias_fp32() + step
+            router.count_sums.zero_()
+    return len(routers)
 
 
 def set_router_iteration(model, iteration: int) -> int:

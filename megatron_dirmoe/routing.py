@@ -194,6 +194,7 @@ def route(
     fallback_k: int = 1,
     slab: str = "head",
     slab_bias_S: Optional[torch.Tensor] = None,
+    count_bias: Optional[torch.Tensor] = None,
 ) -> RoutingResult:
     """DirMoE routing for a batch of tokens.
 
@@ -204,7 +205,10 @@ def route(
     slab "gate") and `slab_bias_S` the concentration heads' bias (slab "gated").
     `route_threshold` applies to rule "weight" only; `fallback_k` experts (largest score) go to a
     token where no expert passes the rule. `tau` may be a 0-d tensor (so a compiled caller does
-    not recompile when the schedule moves).
+    not recompile when the schedule moves). `count_bias` (rule "gate" only; a float or a tensor
+    of one element) moves the routing decision alone: expert i is active where l_i + c >= 0
+    (the count controller's bias, see `DirMoEConfig.count_control_rate`); pi, the weights and
+    the regularisers do not see it.
 
     Noise: `generator` drives the Gumbel (logistic) draw only; the Dirichlet sample always comes
     from torch's default generator of the logits' device (``Dirichlet.rsample`` takes none). To
@@ -215,6 +219,8 @@ def route(
         raise ValueError(f"unknown routing rule {rule!r}; allowed {RULES}")
     if slab not in SLABS:
         raise ValueError(f"unknown slab {slab!r}; allowed {SLABS}")
+    if count_bias is not None and rule != "gate":
+        raise ValueError('count_bias needs rule "gate"')
     spike_logits_TE = spike_logits_TE.float()
 
     # 1. Per-token centring of the spike logits, then the learned bias.
@@ -258,8 +264,13 @@ def route(
         # 4-5. Active set: gates with pi >= 1/2 (the spike's mode), at most `max_active` (largest
         #      pi); a token where none passes gets its `fallback_k` most likely experts.
         with torch.no_grad():
-            routing_map_TE, fallback_T, capped_T = _active_set(gate_prob_TE, 0.5, max_active,
-                                                               fallback_k)
+            if count_bias is None:
+                routing_map_TE, fallback_T, capped_T = _active_set(gate_prob_TE, 0.5, max_active,
+                                                                   fallback_k)
+            else:  # pi >= 1/2 is l >= 0; the controller's bias moves that threshold
+                routing_map_TE, fallback_T, capped_T = _active_set(
+                    logits_TE + torch.as_tensor(count_bias, device=logits_TE.device).float(),
+                    0.0, max_active, fallback_k)
         probs_TE = theta_TE * routing_map_TE
         if renormalize:
             probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
@@ -323,10 +334,13 @@ def eval_active_count(
     max_active: int,
     rule: str = "weight",
     fallback_k: int = 1,
+    count_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Active experts per token [T] that the deterministic (eval) path gives for the same
     logits, from a (possibly training-mode) `RoutingResult`."""
-    if rule == "gate":
+    if rule == "gate" and count_bias is not None:
+        over_T = (result.logits_TE + count_bias >= 0).sum(dim=-1)
+    elif rule == "gate":
         over_T = (result.gate_prob_TE >= 0.5).sum(dim=-1)
     else:
         mean_theta_TE = result.alpha_q_TE / result.alpha_q_TE.sum(dim=-1, keepdim=True)

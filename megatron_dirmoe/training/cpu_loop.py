@@ -186,7 +186,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     from megatron_dirmoe.baselines import update_expert_biases
     from megatron_dirmoe.datasets import build_gpt_datasets, num_samples_per_split
     from megatron_dirmoe.metrics import format_routing_summary, install_metrics_tracker, routing_summary
-    from megatron_dirmoe.router import set_router_iteration
+    from megatron_dirmoe.router import set_router_iteration, update_count_control
     from megatron_dirmoe.single_rank import init_single_rank
     from megatron_dirmoe.config import dirmoe_config_from_args
     from megatron_dirmoe.layout import moe_layer_numbers
@@ -292,6 +292,7 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
                      if args.clip_grad > 0 else float("nan"))
         optimizer.step()
         update_expert_biases(model)
+        update_count_control(model)
         scheduler.step(increment=args.global_batch_size)
         consumed += args.global_batch_size
         iteration += 1

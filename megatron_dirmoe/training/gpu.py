@@ -127,6 +127,26 @@ def get_batch(data_iterator, vp_stage=None, config=None) -> dict:
     return {key: batch.get(key) for key in BATCH_KEYS}
 
 
+def _hook_count_control(config) -> None:
+    """Step the routers' count controllers where Megatron steps its own expert bias: in
+    ``config.finalize_model_grads_func``, once per optimizer step after the last micro-batch's
+    backward, on every rank. Megatron's `train()` sets that function before its first forward
+    step, so the first forward step wraps it (once)."""
+    from megatron_dirmoe.router import update_count_control
+
+    finalize = getattr(config, "finalize_model_grads_func", None)
+    if finalize is None or getattr(finalize, "dirmoe_count_control", False):
+        return
+
+    def finalize_then_control(model, *args, **kwargs):
+        result = finalize(model, *args, **kwargs)
+        update_count_control(model)
+        return result
+
+    finalize_then_control.dirmoe_count_control = True
+    config.finalize_model_grads_func = finalize_then_control
+
+
 def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     """Megatron's forward step. ``return_schedule_plan`` (--overlap-moe-expert-parallel-comm)
     is refused at start-up (`megatron_dirmoe.training.model_flags`); never silently ignored."""
@@ -143,6 +163,7 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     iteration = getattr(args, "curr_iteration", args.iteration)
     for router in _routers(model):
         router.set_iteration(iteration)
+    _hook_count_control(get_attr_wrapped_model(model, "config"))
     seed_routing_noise(args.seed)  # no-op after the first call with the same seed
     timers = get_timers()
     timers("batch-generator", log_level=2).start()

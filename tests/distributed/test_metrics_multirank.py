@@ -65,6 +65,7 @@ def run_layouts(rank: int, world_size: int) -> dict:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from megatron_dirmoe.metrics import install_metrics_tracker
+    from megatron_dirmoe.router import update_count_control
     from sync_count import HostSyncCounter, count_collectives
 
     results = {}
@@ -93,11 +94,13 @@ def run_layouts(rank: int, world_size: int) -> dict:
             with count_collectives() as per_step:
                 tracker.report(loss_scale=1.0 / MICRO, iteration=1, num_layers=pp,
                                force_initialize=True, track_names=[])
-            view[case] = dict(
+            with count_collectives() as control:
+                update_count_control(router)
+            view[case] = dict(count_bias=router.count_bias.item(), control=dict(control),
                 metrics={k: v.tolist() for k, v in tracker.last_per_layer.items()},
                 per_layer=dict(per_layer), per_step=dict(per_step), syncs=syncs.count,
                 tokens=MICRO * local * world_size // pp)
-        view.update(tp=tp, dp=dp, pp=pp)
+        view.update(tp=tp, dp=dp, pp=pp, stage=ps.get_pipeline_model_parallel_rank())
         views = [None] * world_size
         dist.all_gather_object(views, view)
         results[name] = views
@@ -152,3 +155,16 @@ def test_collectives_and_host_syncs_per_step(layouts, name):
                 "all_reduce": 1}
             assert counts["per_step"][("all_reduce", 4)] == 1
             assert counts["syncs"] == 0
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_count_controller_steps_on_the_global_count(layouts, name):
+    """The count controller reads the count of the whole step: only rank 0 sees the token with
+    three experts, yet every rank of its stage steps c down (one all-reduce over TP x DP x CP
+    per step for all layers), and the exact count (uniform case) leaves c at 0."""
+    for view in layouts[name]:
+        assert view["uniform"]["count_bias"] == 0.0
+        has_extra = view["stage"] == 0  # rank 0 is on the first stage
+        assert view["one_token_three_experts"]["count_bias"] == pytest.approx(
+            -0.03 if has_extra else 0.0, abs=1e-9)
+        assert view["one_token_three_experts"]["control"].get("all_reduce") == 1

@@ -37,6 +37,7 @@ NON_DEFAULT = {
     "kl_weight": "0.02",
     "sparsity_weight": "0.03",
     "count_weight": "0.3",
+    "count_control_rate": "0.05",
     "balance_weight": "0.2",
     "recon_variance": "2",
     "leak": "0.01",

@@ -34,15 +34,19 @@ def test_paper_defaults():
 
 def test_calibrated_recipe_defaults_depend_on_k():
     """The default recipe trains near the posterior mean without the Dirichlet KL, renormalises
-    the weights over the active set from k = 2 on, and sets the count penalty by that choice."""
+    the weights over the active set from k = 2 on, holds the count with the count controller,
+    and sets the count penalty by those choices."""
     one, two = DirMoEConfig(), DirMoEConfig(target_k=2)
     assert one.recipe == "calibrated" and one.slab == "gate"
     assert (one.posterior_scale, one.kl_weight, one.balance_weight) == (1000.0, 0.0, 0.1)
+    assert one.count_control_rate == two.count_control_rate == 0.03
     assert (one.renormalize, one.count_weight) == (False, 0.1)
-    assert (two.renormalize, two.count_weight) == (True, 0.01)
-    # A given value wins; the count weight follows a renormalisation that is given.
+    assert (two.renormalize, two.count_weight) == (True, 0.0)
+    # A given value wins; the count weight follows a renormalisation or controller given.
     assert DirMoEConfig(target_k=2, renormalize=False).count_weight == 0.1
-    assert DirMoEConfig(target_k=1, renormalize=True).count_weight == 0.01
+    assert DirMoEConfig(target_k=1, renormalize=True).count_weight == 0.0
+    assert DirMoEConfig(target_k=2, count_control_rate=0.0).count_weight == 0.01
+    assert DirMoEConfig(target_k=1, renormalize=True, count_control_rate=0).count_weight == 0.01
     assert DirMoEConfig(target_k=2, count_weight=0.05).count_weight == 0.05
     # Resolved once: the stored dict holds numbers and rebuilds the same config.
     assert DirMoEConfig(**dataclasses.asdict(two)) == two

@@ -66,6 +66,9 @@ def _randomize(model) -> None:
                 param.copy_(1.5 * noise - 2.0)
             else:
                 param.copy_(0.08 * noise)
+        for name, buffer in model.named_buffers():
+            if name.endswith("count_bias"):  # the count controller's c: folded into b on export
+                buffer.copy_(0.5 * torch.randn(buffer.shape, generator=gen))
 
 
 def _megatron_logits(model, tokens):
@@ -270,6 +273,14 @@ def test_hf_to_megatron_round_trip_is_exact(exported, tmp_path):
     original = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     again = {k: v for k, v in reloaded.state_dict().items() if not k.endswith("_extra_state")}
     assert original.keys() == again.keys()
+    # The count controller's c comes back folded into the spike bias (the same routing).
+    folded = [k for k in original if k.endswith("count_bias")]
+    assert bool(folded) == (exported[0] == "rms_gqa_freq_shared")  # calibrated recipe only
+    for name in folded:
+        bias = name.replace("count_bias", "spike_bias")
+        assert original[name].abs().max() > 0 and torch.equal(again[name], torch.zeros(1))
+        assert torch.equal(again[bias], original[bias] + original.pop(name))
+        original.pop(bias)
     for name, tensor in original.items():
         assert torch.equal(tensor, again[name]), name
 
