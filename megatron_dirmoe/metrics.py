@@ -56,11 +56,13 @@ METRIC_NAMES = tuple(f"dirmoe/{name}" for name in (
     "tau",
     "prior_scale",
     "balance_penalty",  # mean over forwards; reported only when the recipe has the term
+    "count_bias",  # the count controller's c (0 without one)
 ))
 
 # Columns after the routing statistics and the per-expert load: per recording forward (one per
 # micro-batch and rank) a 1, the schedule values, and (when computed) a 1 and the balance value.
-SCHEDULE_COLUMNS = ("forwards", "tau", "prior_scale", "balance_forwards", "balance_penalty")
+SCHEDULE_COLUMNS = ("forwards", "tau", "prior_scale", "balance_forwards", "balance_penalty",
+                    "count_bias")
 
 
 def routing_row_width(num_experts: int) -> int:
@@ -108,6 +110,7 @@ def routing_metrics(sums_LW: torch.Tensor, num_experts: int) -> torch.Tensor:
         sched["tau"] / forwards_L,
         sched["prior_scale"] / forwards_L,
         sched["balance_penalty"] / sched["balance_forwards"].clamp(min=1.0),
+        sched["count_bias"] / forwards_L,
     ])
     return values.float()
 
@@ -284,6 +287,7 @@ _SUMMARY_COLUMNS = (
     ("kl", "kl"),
     ("sparsity_penalty", "sparsity"),
     ("balance_penalty", "balance"),
+    ("count_bias", "c"),
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -39,6 +40,8 @@ from megatron_dirmoe.routing import (
     spike_bias_init,
 )
 from megatron_dirmoe.schedules import prior_scale_at, temperature_at
+
+_WARNED_UNSTEPPED_CONTROL = False  # warn once per process
 
 __all__ = ["DirichletRouter", "set_router_iteration", "update_count_control",
            "iter_dirichlet_routers", "METRIC_NAMES",
@@ -108,6 +111,7 @@ class DirichletRouter(Router):
         else:
             self.count_bias = None
         self.count_sums = torch.zeros(2, dtype=torch.float32)
+        self._counting_since: Optional[int] = None  # iteration of the oldest unreduced count
         # Megatron's Switch-style load-balancing loss (--moe-router-load-balancing-type aux_loss
         # --moe-aux-loss-coeff c) on the normalised gate probabilities pi / sum(pi), as
         # TopKRouter applies it to sigmoid scores, with k = target_k.
@@ -174,6 +178,16 @@ class DirichletRouter(Router):
     def set_iteration(self, iteration: int) -> None:
         """Tell the router the current training iteration (drives tau_z and lambda_p)."""
         self.iteration = int(iteration)
+        global _WARNED_UNSTEPPED_CONTROL
+        if (self._counting_since is not None and self.iteration > self._counting_since + 1
+                and not _WARNED_UNSTEPPED_CONTROL):
+            # A training loop of the user's own that never calls `update_count_control`: the
+            # count would drift from k unnoticed.
+            _WARNED_UNSTEPPED_CONTROL = True
+            warnings.warn("DirMoE's count controller has not been stepped for several "
+                          "iterations: call megatron_dirmoe.update_count_control(model) after "
+                          "every optimizer step (or set --dirmoe-count-control-rate 0)",
+                          stacklevel=2)
 
     @property
     def temperature(self) -> float:
@@ -258,6 +272,8 @@ class DirichletRouter(Router):
                 if self.count_sums.device != stats.device:
                     self.count_sums = self.count_sums.to(stats.device)
                 self.count_sums += stats[:2].flip(0).float()  # (routed experts, real tokens)
+                if self._counting_since is None:
+                    self._counting_since = self.iteration
         return probs, routing_map
 
     def _count_bias_fp32(self) -> Optional[torch.Tensor]:
@@ -402,7 +418,10 @@ class DirichletRouter(Router):
         one = torch.ones(1, dtype=torch.float32, device=load_E.device)
         balance_2 = (torch.cat([one, balance.detach().float().view(1)]) if balance is not None
                      else torch.zeros(2, dtype=torch.float32, device=load_E.device))
-        row = torch.cat([stats.float(), load_E, one, schedule_2, balance_2]).double()
+        count_bias = (self.count_bias.detach().float().view(1) if self.count_bias is not None
+                      else torch.zeros(1, dtype=torch.float32, device=load_E.device))
+        row = torch.cat([stats.float(), load_E, one, schedule_2, balance_2,
+                         count_bias]).double()
         record_routing_row(row, layer_number, num_layers, self.num_experts)
 
     def pop_expert_load(self) -> torch.Tensor:
@@ -696,6 +715,7 @@ def update_count_control(model) -> int:
         for router, step in zip(routers, step_L):
             router.count_bias.data = router._count_bias_fp32() + step
             router.count_sums.zero_()
+            router._counting_since = None
     return len(routers)
 
 

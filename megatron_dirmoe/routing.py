@@ -269,8 +269,7 @@ def route(
                                                                    fallback_k)
             else:  # pi >= 1/2 is l >= 0; the controller's bias moves that threshold
                 routing_map_TE, fallback_T, capped_T = _active_set(
-                    logits_TE + torch.as_tensor(count_bias, device=logits_TE.device).float(),
-                    0.0, max_active, fallback_k)
+                    logits_TE + count_bias, 0.0, max_active, fallback_k)
         probs_TE = theta_TE * routing_map_TE
         if renormalize:
             probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
