@@ -2,13 +2,16 @@
 """Swap the DirMoE router into your own Megatron-Core GPT and train it in your own loop.
 
 The story: you already build a Megatron-Core `GPTModel` from one of Megatron's layer specs and
-train it with your own loop. Two lines make its MoE layers route with `DirichletRouter`, and one
-call per step drives the router's schedules:
+train it with your own loop. Two lines make its MoE layers route with `DirichletRouter`, and two
+calls per step drive the router's schedules and its count controller:
 
     spec = swap_router(get_gpt_layer_local_spec(num_experts=8),     # your spec (TE spec on GPUs)
                        dirichlet_router_builder(DirMoEConfig(target_k=1, schedule_iters=steps)))
     ...
     set_router_iteration(model, step)          # every step: tau_z and lambda_p follow `step`
+    ...
+    optimizer.step()
+    update_count_control(model)                # after every optimizer step: holds k per token
 
 The router's regularisers (Dirichlet KL, count penalty, aggregate spike prior) ride on the
 activations through Megatron's `MoEAuxLossAutoScaler`: ``loss.backward()`` already includes them,
@@ -75,6 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         dirichlet_router_builder,
         set_router_iteration,
         swap_router,
+        update_count_control,
     )
     from megatron_dirmoe.layers import SDPAttention
     from megatron_dirmoe.metrics import DirMoEMetricsTracker
@@ -137,6 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # LM loss + the routers' attached regularisers
         optimizer.step()
+        update_count_control(model)  # the routed count of this step moves each layer's c
         losses.append(loss.item())
         # Mean over MoE layers of every dirmoe/* value (and the per-layer values), then clear.
         line = tracker.report(loss_scale=1.0, iteration=step + 1, num_layers=config.num_layers)

@@ -72,10 +72,10 @@ class DirMoEConfig:
     """
 
     recipe: str = _doc(
-        "'calibrated': route where the spike gate is more likely on than off (pi = "
-        "sigmoid(l / tau) >= 1/2, in training and evaluation alike; top-k when none is), "
-        "penalise the expected squared miss E[(N - k)^2] of the count and balance each gate's "
-        "batch firing rate against the prior k/E; 'paper': the paper's router structure (gate "
+        "'calibrated': route where the spike gate's logit clears the layer's threshold (l + c "
+        ">= 0, i.e. pi = sigmoid(l / tau) >= 1/2 at c = 0, in training and evaluation alike; "
+        "top-k when none does), hold the mean count at k with the per-layer count controller c "
+        "and balance each gate's batch firing rate against the prior k/E; 'paper': the paper's router structure (gate "
         "logits plus per-expert alpha_hi(x)/alpha_lo(x) heads, posterior conditioned on the "
         "relaxed gates, relaxed weights normalize(z * theta), sparsity (sum z - k)^2 on the "
         "sample, no balance term); 'paper-notes': the paper notes read literally (one softmax "
@@ -84,7 +84,8 @@ class DirMoEConfig:
         default="calibrated",
     )
     target_k: int = _doc(
-        "target number of active experts per token k; the count penalty pulls the count to k "
+        "target number of active experts per token k; the count controller (or penalty) holds "
+        "the mean count at k "
         "and the spike bias is initialised so that every gate fires with probability k/E",
         default=1,
     )
