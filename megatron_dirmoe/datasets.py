@@ -9,10 +9,12 @@ expects; the CPU loop calls it too, so both paths read exactly the same samples.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from typing import Optional, Sequence
 
-__all__ = ["gpt_dataset_config_from_args", "build_gpt_datasets", "num_samples_per_split",
-           "train_valid_test_datasets_provider"]
+__all__ = ["gpt_dataset_config_from_args", "build_gpt_datasets", "index_build_lock",
+           "num_samples_per_split", "train_valid_test_datasets_provider"]
 
 
 def gpt_dataset_config_from_args(args: argparse.Namespace, tokenizer, *,
@@ -74,7 +76,59 @@ def build_gpt_datasets(args: argparse.Namespace, tokenizer, sizes: Sequence[int]
         config = gpt_dataset_config_from_args(args, tokenizer,
                                               create_attention_mask=create_attention_mask)
         cls = MockGPTDataset if args.mock_data else GPTDataset
-        return BlendedMegatronDatasetBuilder(cls, list(sizes), is_built_on_rank, config).build()
+        with index_build_lock(args):
+            return BlendedMegatronDatasetBuilder(cls, list(sizes), is_built_on_rank,
+                                                 config).build()
+
+
+@contextlib.contextmanager
+def index_build_lock(args: argparse.Namespace):
+    """Serialise the building of Megatron's dataset index cache between independent
+    one-process jobs that share it (several runs of a comparison, two experiments on one data
+    prefix): Megatron writes the cached .npy indices in place and coordinates only the ranks of
+    one job, so a second job could read a half-written index ("EOFError: No data left in
+    file"). An exclusive `flock` on a file next to the cache; nothing in a multi-rank job
+    (rank 0 builds behind Megatron's own barrier, and a lock held across it would deadlock), for
+    mock data, or where the folder is not writable."""
+    import torch.distributed as dist
+
+    folder = _index_cache_folder(args)
+    if folder is None or (dist.is_available() and dist.is_initialized()
+                          and dist.get_world_size() > 1):
+        yield
+        return
+    try:
+        import fcntl
+
+        handle = open(os.path.join(folder, INDEX_LOCK_NAME), "a")
+    except (ImportError, OSError):  # not POSIX, or a read-only data folder
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+INDEX_LOCK_NAME = ".dirmoe-dataset-index.lock"
+
+
+def _index_cache_folder(args: argparse.Namespace) -> Optional[str]:
+    """Where Megatron caches the dataset indices: --data-cache-path, or the folder of the
+    first data prefix (its default); None for mock data."""
+    if getattr(args, "mock_data", False):
+        return None
+    if getattr(args, "data_cache_path", None):
+        return args.data_cache_path
+    for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+        for item in getattr(args, name, None) or []:
+            try:
+                float(item)  # a blend weight
+            except ValueError:
+                return os.path.dirname(os.path.abspath(item))
+    return None
 
 
 def _data_flags_text(args: argparse.Namespace) -> str:

@@ -307,3 +307,28 @@ def test_prepare_embedded_corpus_is_cached_and_readable_by_gpt_dataset(tmp_path,
     sample = val[0]
     assert sample["tokens"].shape == (128,)
     assert sample["labels"][:-1].tolist() == sample["tokens"][1:].tolist()
+
+
+def test_dataset_index_build_is_serialised_between_jobs(tmp_path):
+    """Two one-process jobs sharing a data prefix build Megatron's index cache one after the
+    other (a comparison's parallel runs once read a half-written index): while one holds the
+    lock, another process cannot take it."""
+    import argparse
+    import subprocess
+    import sys
+
+    from megatron_dirmoe.datasets import INDEX_LOCK_NAME, index_build_lock
+
+    args = argparse.Namespace(mock_data=False, data_cache_path=None,
+                              data_path=["1.0", str(tmp_path / "corpus_text_document")])
+    probe = ("import fcntl, sys\n"
+             f"f = open({str(tmp_path / INDEX_LOCK_NAME)!r}, 'a')\n"
+             "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "except BlockingIOError:\n    sys.exit(3)\n")
+    with index_build_lock(args):
+        assert (tmp_path / INDEX_LOCK_NAME).exists()
+        assert subprocess.run([sys.executable, "-c", probe]).returncode == 3
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+    # Mock data builds no index: no lock file.
+    with index_build_lock(argparse.Namespace(mock_data=True)):
+        pass
