@@ -546,14 +546,24 @@ def render(out: Path, work_root: Path, preset_name: str, command: str) -> str:
     device = _device_name(records[0]["device"])
     seeds = sorted({r["seed"] for r in records})
     table = markdown_table(rows)
+    setup = preset.description if preset else preset_name
+    iters = sorted({r["train_iters"] for r in records if r.get("train_iters")})
+    if iters and not all(f"{n} steps" in setup for n in iters):
+        # Flags after `--` (e.g. --train-iters 1200) override the preset's step count.
+        setup += f"; steps trained: {', '.join(map(str, iters))} (flags after `--`)"
+    split = records[0].get("heldout_split", "test")
+    heldout = ("the embedded corpus' test split "
+               f"({records[0]['heldout_tokens']:,} tokens), never used for any decision"
+               if split == "test" else
+               f"the embedded corpus' {split} split ({records[0]['heldout_tokens']:,} tokens), "
+               "for choosing settings")
     text = "\n".join([
         f"# Router comparison: {preset_name}",
         "",
         f"- Command: `{command}`",
-        f"- Setup: {preset.description if preset else preset_name}; seeds {seeds}",
+        f"- Setup: {setup}; seeds {seeds}",
         f"- Device: {device}; date {datetime.date.today().isoformat()}",
-        "- Held-out: the embedded corpus' test split "
-        f"({records[0]['heldout_tokens']:,} tokens), never used for any decision",
+        f"- Held-out: {heldout}",
         "- Mean over seeds ± standard deviation. *active/token (train, end)*: realised experts "
         "per token in training mode over the last 10% of steps; TopK routers are exactly k. "
         "Load, MI and entropy are means over MoE layers on held-out tokens (eval mode).",

@@ -88,6 +88,9 @@ def test_short_comparison_end_to_end(compare, tmp_path):
     assert [h["iteration"] for h in record["history"]] == [1, 2, 3]
     assert len(record["history"][0]["dirmoe/active_experts"]) == 4  # one value per MoE layer
     assert record["heldout_tokens"] == 256 * 128
+    # The header says how many steps ran when flags after `--` override the preset's 300.
+    assert "steps trained: 3 (flags after `--`)" in (out / "results.md").read_text()
+    assert "test split" in (out / "results.md").read_text()
     # Rerunning reuses the records instead of training again.
     compare.main(["--out", str(out), "--work", str(work), "--routers", "dirmoe-k2",
                   "softmax-top1", "--seeds", "7", "--render-only"])
