@@ -171,3 +171,31 @@ def test_a_loop_that_never_steps_the_controller_is_warned(make_router, monkeypat
     _train_forward(router, hidden)
     with pytest.warns(UserWarning, match="update_count_control"):
         router.set_iteration(3)  # two steps of counts and no update
+
+
+def test_megatron_train_steps_the_controller_in_finalize_model_grads(make_router):
+    """Under megatron.training's train(), the first forward step wraps
+    config.finalize_model_grads_func once, so the controllers step after every optimizer step's
+    last backward, where Megatron steps its own expert bias."""
+    import types
+
+    from megatron_dirmoe.training.gpu import _hook_count_control
+
+    router = make_router(target_k=2)
+    calls = []
+    config = types.SimpleNamespace(
+        finalize_model_grads_func=lambda model, *a, **k: calls.append((model, a, k)))
+    _hook_count_control(config)
+    wrapped = config.finalize_model_grads_func
+    _hook_count_control(config)  # every forward step calls it: wrapped once
+    assert config.finalize_model_grads_func is wrapped
+    with torch.no_grad():
+        router.spike_bias.fill_(50.0)  # every gate on: more than k experts per token
+    _train_forward(router, torch.randn(8, 2, H))
+    wrapped([router], 123, force_all_reduce=True)
+    assert calls == [([router], (123,), {"force_all_reduce": True})]
+    assert router.count_bias.item() == pytest.approx(-0.03)
+    # Before train() sets the function there is nothing to wrap.
+    bare = types.SimpleNamespace(finalize_model_grads_func=None)
+    _hook_count_control(bare)
+    assert bare.finalize_model_grads_func is None
