@@ -49,6 +49,10 @@ def test_pretrain_megatron_training_path(tmp_path):
         assert name in last, last
     tau = float(re.search(r"dirmoe/tau: ([0-9.]+)", last).group(1))
     assert tau == pytest.approx(0.3, abs=0.02)
+    # The count controller steps inside Megatron's finalize_model_grads (wrapped by our forward
+    # step): its c is logged, and the warning for an unstepped controller stays silent.
+    assert "dirmoe/count_bias" in last, last
+    assert "count controller has not been stepped" not in out
     assert "routing summary" in out
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERS)
     assert (save / f"iter_{ITERS:07d}").is_dir()
