@@ -76,23 +76,24 @@ def build_gpt_datasets(args: argparse.Namespace, tokenizer, sizes: Sequence[int]
         config = gpt_dataset_config_from_args(args, tokenizer,
                                               create_attention_mask=create_attention_mask)
         cls = MockGPTDataset if args.mock_data else GPTDataset
-        with index_build_lock(args):
+        with index_build_lock(config):
             return BlendedMegatronDatasetBuilder(cls, list(sizes), is_built_on_rank,
                                                  config).build()
 
 
 @contextlib.contextmanager
-def index_build_lock(args: argparse.Namespace):
+def index_build_lock(config):
     """Serialise the building of Megatron's dataset index cache between independent
     one-process jobs that share it (several runs of a comparison, two experiments on one data
     prefix): Megatron writes the cached .npy indices in place and coordinates only the ranks of
     one job, so a second job could read a half-written index ("EOFError: No data left in
-    file"). An exclusive `flock` on a file next to the cache; nothing in a multi-rank job
-    (rank 0 builds behind Megatron's own barrier, and a lock held across it would deadlock), for
-    mock data, or where the folder is not writable."""
+    file"). An exclusive `flock` on a file next to the cache of `config` (a
+    `GPTDatasetConfig`); nothing in a multi-rank job (rank 0 builds behind Megatron's own
+    barrier, and a lock held across it would deadlock), for mock data, or where the folder is
+    not writable."""
     import torch.distributed as dist
 
-    folder = _index_cache_folder(args)
+    folder = _index_cache_folder(config)
     if folder is None or (dist.is_available() and dist.is_initialized()
                           and dist.get_world_size() > 1):
         yield
@@ -115,19 +116,15 @@ def index_build_lock(args: argparse.Namespace):
 INDEX_LOCK_NAME = ".dirmoe-dataset-index.lock"
 
 
-def _index_cache_folder(args: argparse.Namespace) -> Optional[str]:
-    """Where Megatron caches the dataset indices: --data-cache-path, or the folder of the
-    first data prefix (its default); None for mock data."""
-    if getattr(args, "mock_data", False):
-        return None
-    if getattr(args, "data_cache_path", None):
-        return args.data_cache_path
-    for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
-        for item in getattr(args, name, None) or []:
-            try:
-                float(item)  # a blend weight
-            except ValueError:
-                return os.path.dirname(os.path.abspath(item))
+def _index_cache_folder(config) -> Optional[str]:
+    """Where Megatron caches the dataset indices: the config's `path_to_cache`, or the folder
+    of its first data prefix (Megatron's default); None without prefixes (mock data)."""
+    if config.path_to_cache:
+        return config.path_to_cache
+    blends = [config.blend] if config.blend else list(config.blend_per_split or [])
+    for blend in blends:
+        if blend and blend[0]:
+            return os.path.dirname(os.path.abspath(blend[0][0]))
     return None
 
 

@@ -261,15 +261,16 @@ def route(
         theta_TE = alpha_q_TE / alpha_q_TE.sum(dim=-1, keepdim=True)
 
     if rule == "gate":
-        # 4-5. Active set: gates with pi >= 1/2 (the spike's mode), at most `max_active` (largest
-        #      pi); a token where none passes gets its `fallback_k` most likely experts.
+        # 4-5. Active set: gates with pi >= 1/2 (the spike's mode), i.e. l >= 0, decided on the
+        #      logits (pi saturates and would tie), at most `max_active` (largest l); a token
+        #      where none passes gets its `fallback_k` most likely experts. The count
+        #      controller's c joins the bias before the sum, so an export that folds c into the
+        #      bias decides bit for bit the same.
         with torch.no_grad():
-            if count_bias is None:
-                routing_map_TE, fallback_T, capped_T = _active_set(gate_prob_TE, 0.5, max_active,
-                                                                   fallback_k)
-            else:  # pi >= 1/2 is l >= 0; the controller's bias moves that threshold
-                routing_map_TE, fallback_T, capped_T = _active_set(
-                    logits_TE + count_bias, 0.0, max_active, fallback_k)
+            decision_TE = (logits_TE if count_bias is None
+                           else centred_TE + (spike_bias_E.float() + count_bias))
+            routing_map_TE, fallback_T, capped_T = _active_set(decision_TE, 0.0, max_active,
+                                                               fallback_k)
         probs_TE = theta_TE * routing_map_TE
         if renormalize:
             probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
@@ -337,10 +338,9 @@ def eval_active_count(
 ) -> torch.Tensor:
     """Active experts per token [T] that the deterministic (eval) path gives for the same
     logits, from a (possibly training-mode) `RoutingResult`."""
-    if rule == "gate" and count_bias is not None:
-        over_T = (result.logits_TE + count_bias >= 0).sum(dim=-1)
-    elif rule == "gate":
-        over_T = (result.gate_prob_TE >= 0.5).sum(dim=-1)
+    if rule == "gate":
+        shift = 0.0 if count_bias is None else count_bias
+        over_T = (result.logits_TE + shift >= 0).sum(dim=-1)
     else:
         mean_theta_TE = result.alpha_q_TE / result.alpha_q_TE.sum(dim=-1, keepdim=True)
         mixed_TE = result.gate_prob_TE * mean_theta_TE + leak

@@ -160,15 +160,20 @@ def test_a_loop_that_never_steps_the_controller_is_warned(make_router, monkeypat
     import megatron_dirmoe.router as router_module
 
     monkeypatch.setattr(router_module, "_WARNED_UNSTEPPED_CONTROL", False)
+    import warnings
+
     router = make_router(target_k=2)
     hidden = torch.randn(8, 2, H)
-    router.set_iteration(0)
-    _train_forward(router, hidden)
-    router.set_iteration(1)  # the step's update may still come (Megatron runs it later)
-    router_module.update_count_control(router)
-    _train_forward(router, hidden)
-    router.set_iteration(2)
-    _train_forward(router, hidden)
+    with warnings.catch_warnings(record=True) as early:
+        warnings.simplefilter("always")
+        router.set_iteration(0)
+        _train_forward(router, hidden)
+        router.set_iteration(1)  # the step's update may still come (Megatron runs it later)
+        router_module.update_count_control(router)
+        _train_forward(router, hidden)
+        router.set_iteration(2)
+        _train_forward(router, hidden)
+    assert not [w for w in early if "update_count_control" in str(w.message)]
     with pytest.warns(UserWarning, match="update_count_control"):
         router.set_iteration(3)  # two steps of counts and no update
 

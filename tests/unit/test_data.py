@@ -313,14 +313,15 @@ def test_dataset_index_build_is_serialised_between_jobs(tmp_path):
     """Two one-process jobs sharing a data prefix build Megatron's index cache one after the
     other (a comparison's parallel runs once read a half-written index): while one holds the
     lock, another process cannot take it."""
-    import argparse
     import subprocess
     import sys
+    from types import SimpleNamespace
 
     from megatron_dirmoe.datasets import INDEX_LOCK_NAME, index_build_lock
 
-    args = argparse.Namespace(mock_data=False, data_cache_path=None,
-                              data_path=["1.0", str(tmp_path / "corpus_text_document")])
+    # What `gpt_dataset_config_from_args` gives for --data-path 1.0 <prefix>.
+    args = SimpleNamespace(path_to_cache=None, blend_per_split=None,
+                           blend=([str(tmp_path / "corpus_text_document")], [1.0]))
     probe = ("import fcntl, sys\n"
              f"f = open({str(tmp_path / INDEX_LOCK_NAME)!r}, 'a')\n"
              "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
@@ -330,5 +331,5 @@ def test_dataset_index_build_is_serialised_between_jobs(tmp_path):
         assert subprocess.run([sys.executable, "-c", probe]).returncode == 3
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
     # Mock data builds no index: no lock file.
-    with index_build_lock(argparse.Namespace(mock_data=True)):
+    with index_build_lock(SimpleNamespace(path_to_cache=None, blend=None, blend_per_split=None)):
         pass
