@@ -34,22 +34,26 @@ RECIPES = ("calibrated", "paper", "paper-notes")
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # Near the posterior mean and without the Dirichlet KL: at the scales measured, the sampling
     # noise and the KL cost held-out loss.
-    # The count is held by the per-layer count controller rather than a penalty.
+    # The count is held by the per-layer count controller rather than a penalty, and (k >= 2)
+    # the load by the per-expert load controller rather than the balance term.
     "calibrated": dict(posterior_scale=1000.0, kl_weight=0.0, renormalize=None,
-                       count_weight=None, count_control_rate=3e-2),
-    # The paper's values (Table 4, eq. 16); count_weight and the count controller are unused
-    # by these recipes.
+                       count_weight=None, count_control_rate=3e-2, load_control_rate=None,
+                       balance_weight=None),
+    # The paper's values (Table 4, eq. 16); count_weight, the balance term and the controllers
+    # are unused by these recipes.
     "paper": dict(posterior_scale=20.0, kl_weight=1e-2, renormalize=True, count_weight=0.1,
-                  count_control_rate=0.0),
+                  count_control_rate=0.0, load_control_rate=0.0, balance_weight=0.1),
     "paper-notes": dict(posterior_scale=20.0, kl_weight=1e-2, renormalize=True,
-                        count_weight=0.1, count_control_rate=0.0),
+                        count_weight=0.1, count_control_rate=0.0, load_control_rate=0.0,
+                        balance_weight=0.1),
 }
 
 # Fields added after runs first stored their resolved config, with the value those runs used:
 # a checkpoint without `recipe` trained with the notes-literal recipe (then called "paper").
-# A stored config without `count_control_rate` held its count with the count penalty alone.
+# A stored config without `count_control_rate` held its count with the count penalty alone, and
+# one without `load_control_rate` its load with the balance term alone.
 IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper-notes", "slab_mean": "head",
-                                 "count_control_rate": 0.0}
+                                 "count_control_rate": 0.0, "load_control_rate": 0.0}
 # A stored config without this field predates the three-head "paper" recipe: its "paper" is
 # today's "paper-notes".
 _FIELD_OF_THREE_HEAD_RELEASE = "tau_schedule"
@@ -196,11 +200,21 @@ class DirMoEConfig:
         "pi and the balance term do not see it. 0 turns the controller off; >= 0, default 0.03",
         default=None,
     )
-    balance_weight: float = _doc(
+    load_control_rate: Optional[float] = _doc(
+        "recipe 'calibrated' only: step of the per-expert load controller (DeepSeek-V3's "
+        "auxiliary-loss-free balancing, on the routing decision). Expert i is routed where "
+        "l_i + c + b_i >= 0; after every optimizer step b_i moves up by this step when expert i "
+        "received fewer routed tokens than the mean expert in the global batch and down when "
+        "more. Like c, b only moves the routing decision. >= 0; default 0.03 when the weights "
+        "are renormalised (k >= 2), where it replaces the balance term, and 0 (off) at k = 1",
+        default=None,
+    )
+    balance_weight: Optional[float] = _doc(
         "recipe 'calibrated' only: weight beta_z of the aggregate spike prior "
         "sum_e KL(Bern(k/E) || Bern(mean_t pi_te)) over each micro-batch's tokens (balances the "
-        "load; prior first, so a gate that never fires still gets a gradient); >= 0",
-        default=1e-1,
+        "load; prior first, so a gate that never fires still gets a gradient); >= 0. Default "
+        "0.1 without the load controller (k = 1), 0 with it",
+        default=None,
     )
     slab_mean: str = _doc(
         "recipe 'calibrated' only: where the Dirichlet posterior's mean comes from: 'gate' "
@@ -262,7 +276,7 @@ class DirMoEConfig:
                      "posterior_scale", "alpha_lo", "alpha_floor", "recon_variance", "leak"):
             positive(name)
         for name in ("kl_weight", "sparsity_weight", "count_weight", "balance_weight",
-                     "count_control_rate"):
+                     "count_control_rate", "load_control_rate"):
             non_negative(name)
         if self.prior_scale_schedule not in ("cosine", "exponential"):
             bad("prior_scale_schedule", "'cosine' or 'exponential'")
@@ -326,6 +340,14 @@ class DirMoEConfig:
             # k = 1 (no renormalisation) keeps the penalty: without it the gates stay undecided
             # and most tokens ride the top-k fallback.
             values["count_weight"] = 0.1 if not renormalize else (0.0 if control else 0.01)
+        if values["load_control_rate"] is None:
+            # At k = 1 the load controller trained worse models than the balance term
+            # (docs/ROUTER_COMPARISON.md, step 6).
+            values["load_control_rate"] = 3e-2 if renormalize else 0.0
+        load_control = (self.load_control_rate if self.load_control_rate is not None
+                        else values["load_control_rate"])
+        if values["balance_weight"] is None:
+            values["balance_weight"] = 0.0 if load_control else 0.1
         for name, value in values.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -394,6 +416,11 @@ class DirMoEConfig:
     def effective_count_control_rate(self) -> float:
         """The count controller's step as applied: the paper recipes have no controller."""
         return self.count_control_rate if self.recipe == "calibrated" else 0.0
+
+    @property
+    def effective_load_control_rate(self) -> float:
+        """The load controller's step as applied: the paper recipes have no controller."""
+        return self.load_control_rate if self.recipe == "calibrated" else 0.0
 
     def calibrated_for(self, num_experts: int) -> "DirMoEConfig":
         """A copy with the calibrators resolved: `prior_scale_end` from `prior_simpson` or
@@ -527,9 +554,9 @@ def dirmoe_config_from_args(args: argparse.Namespace,
         config = DirMoEConfig(**given)
         # A flag that the chosen recipe ignores is a mistake worth stopping for.
         ignored = {"paper": ("balance_weight", "count_weight", "slab_mean",
-                             "count_control_rate"),
+                             "count_control_rate", "load_control_rate"),
                    "paper-notes": ("balance_weight", "count_weight", "slab_mean",
-                                   "count_control_rate"),
+                                   "count_control_rate", "load_control_rate"),
                    "calibrated": ("route_threshold", "sparsity_weight")}[config.recipe]
         for name in ignored:
             if name in given:

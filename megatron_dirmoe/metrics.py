@@ -57,12 +57,13 @@ METRIC_NAMES = tuple(f"dirmoe/{name}" for name in (
     "prior_scale",
     "balance_penalty",  # mean over forwards; reported only when the recipe has the term
     "count_bias",  # the count controller's c (0 without one)
+    "load_bias_spread",  # max_i b_i - min_i b_i of the load controller (0 without one)
 ))
 
 # Columns after the routing statistics and the per-expert load: per recording forward (one per
 # micro-batch and rank) a 1, the schedule values, and (when computed) a 1 and the balance value.
 SCHEDULE_COLUMNS = ("forwards", "tau", "prior_scale", "balance_forwards", "balance_penalty",
-                    "count_bias")
+                    "count_bias", "load_bias_spread")
 
 
 def routing_row_width(num_experts: int) -> int:
@@ -111,6 +112,7 @@ def routing_metrics(sums_LW: torch.Tensor, num_experts: int) -> torch.Tensor:
         sched["prior_scale"] / forwards_L,
         sched["balance_penalty"] / sched["balance_forwards"].clamp(min=1.0),
         sched["count_bias"] / forwards_L,
+        sched["load_bias_spread"] / forwards_L,
     ])
     return values.float()
 
@@ -288,6 +290,7 @@ _SUMMARY_COLUMNS = (
     ("sparsity_penalty", "sparsity"),
     ("balance_penalty", "balance"),
     ("count_bias", "c"),
+    ("load_bias_spread", "b_spread"),
 )
 
 

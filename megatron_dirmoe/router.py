@@ -111,6 +111,14 @@ class DirichletRouter(Router):
         else:
             self.count_bias = None
         self.count_sums = torch.zeros(2, dtype=torch.float32)
+        # The load controller (`DirMoEConfig.load_control_rate`): b [E], the same kind of
+        # buffer, and this step's routed tokens per expert.
+        self.load_control_rate = self.dirmoe_config.effective_load_control_rate
+        if self.load_control_rate > 0:
+            self.register_buffer("load_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.load_bias = None
+        self.load_sums = torch.zeros(num_experts, dtype=torch.float32)
         self._counting_since: Optional[int] = None  # iteration of the oldest unreduced count
         # Megatron's Switch-style load-balancing loss (--moe-router-load-balancing-type aux_loss
         # --moe-aux-loss-coeff c) on the normalised gate probabilities pi / sum(pi), as
@@ -123,11 +131,11 @@ class DirichletRouter(Router):
                 raise ValueError(f"--moe-router-load-balancing-type {kind} is not supported by "
                                  "DirichletRouter; use aux_loss")
         if config.moe_router_enable_expert_bias:
-            # Measured on the router comparison: a bias moved against the load cannot keep up
-            # with the gating weights' drift at useful rates, and it fights the expected-k
-            # penalty (docs/ROUTER_COMPARISON.md).
+            # DirMoE has its own expert bias, stepped with the count controller in one
+            # all-reduce; Megatron's would move a second bias on the same decision.
             raise ValueError("--moe-router-enable-expert-bias is not supported by "
-                             "DirichletRouter; use --moe-router-load-balancing-type aux_loss")
+                             "DirichletRouter: its own per-expert bias is "
+                             "--dirmoe-load-control-rate (on by default for k >= 2)")
         cfg = self.dirmoe_config
         self._static_kwargs = dict(
             posterior_scale=cfg.posterior_scale,
@@ -182,12 +190,12 @@ class DirichletRouter(Router):
         if (self._counting_since is not None and self.iteration > self._counting_since + 1
                 and not _WARNED_UNSTEPPED_CONTROL):
             # A training loop of the user's own that never calls `update_count_control`: the
-            # count would drift from k unnoticed.
+            # count and the load would drift unnoticed.
             _WARNED_UNSTEPPED_CONTROL = True
             warnings.warn("DirMoE's count controller has not been stepped for several "
                           "iterations: call megatron_dirmoe.update_count_control(model) after "
-                          "every optimizer step (or set --dirmoe-count-control-rate 0)",
-                          stacklevel=2)
+                          "every optimizer step (or set --dirmoe-count-control-rate 0 "
+                          "--dirmoe-load-control-rate 0)", stacklevel=2)
 
     @property
     def temperature(self) -> float:
@@ -246,7 +254,7 @@ class DirichletRouter(Router):
                 valid_T,
                 training=self.training,
                 with_losses=with_losses,
-                count_bias=self._count_bias_fp32(),
+                route_bias=self._route_bias(),
                 **self._static_kwargs,
             )
         if with_losses:
@@ -272,18 +280,33 @@ class DirichletRouter(Router):
                 if self.count_sums.device != stats.device:
                     self.count_sums = self.count_sums.to(stats.device)
                 self.count_sums += stats[:2].flip(0).float()  # (routed experts, real tokens)
-                if self._counting_since is None:
-                    self._counting_since = self.iteration
+            if self.load_bias is not None:
+                if self.load_sums.device != load_E.device:
+                    self.load_sums = self.load_sums.to(load_E.device)
+                self.load_sums += load_E.float()
+            if self._counting_since is None and (self.count_bias is not None
+                                                 or self.load_bias is not None):
+                self._counting_since = self.iteration
         return probs, routing_map
 
-    def _count_bias_fp32(self) -> Optional[torch.Tensor]:
-        """c in fp32 (Megatron's Float16Module casts buffers to the model dtype once)."""
-        if self.count_bias is not None and self.count_bias.dtype != torch.float32:
-            self.count_bias.data = self.count_bias.data.float()
-        return self.count_bias
+    def _controller_buffers_fp32(self) -> None:
+        """Keep c and b in fp32 (Megatron's Float16Module casts buffers to the model dtype)."""
+        for name in ("count_bias", "load_bias"):
+            buffer = getattr(self, name)
+            if buffer is not None and buffer.dtype != torch.float32:
+                buffer.data = buffer.data.float()
+
+    def _route_bias(self) -> Optional[torch.Tensor]:
+        """c + b, what the controllers add to the routing decision (None without either)."""
+        self._controller_buffers_fp32()
+        if self.load_bias is None:
+            return self.count_bias
+        if self.count_bias is None:
+            return self.load_bias
+        return self.count_bias + self.load_bias
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._count_bias_fp32()  # load c at full precision (a bf16 buffer would round it)
+        self._controller_buffers_fp32()  # load c, b at full precision (bf16 would round them)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -418,10 +441,13 @@ class DirichletRouter(Router):
         one = torch.ones(1, dtype=torch.float32, device=load_E.device)
         balance_2 = (torch.cat([one, balance.detach().float().view(1)]) if balance is not None
                      else torch.zeros(2, dtype=torch.float32, device=load_E.device))
+        zero = torch.zeros(1, dtype=torch.float32, device=load_E.device)
         count_bias = (self.count_bias.detach().float().view(1) if self.count_bias is not None
-                      else torch.zeros(1, dtype=torch.float32, device=load_E.device))
+                      else zero)
+        load_spread = ((self.load_bias.amax() - self.load_bias.amin()).float().view(1)
+                       if self.load_bias is not None else zero)
         row = torch.cat([stats.float(), load_E, one, schedule_2, balance_2,
-                         count_bias]).double()
+                         count_bias, load_spread]).double()
         record_routing_row(row, layer_number, num_layers, self.num_experts)
 
     def pop_expert_load(self) -> torch.Tensor:
@@ -612,7 +638,7 @@ def _routing_step(
     loss_scale_kl: float,
     loss_scale_sparsity: float,
     with_balance: bool = True,
-    count_bias: Optional[torch.Tensor] = None,
+    route_bias: Optional[torch.Tensor] = None,
 ):
     """Everything the router computes per step, as one function of tensors (so torch.compile
     can fuse it on CUDA): routing, padding, the summed regulariser, statistics."""
@@ -633,7 +659,7 @@ def _routing_step(
         fallback_k=fallback_k,
         slab=slab,
         slab_bias_S=slab_bias_S,
-        count_bias=count_bias,
+        route_bias=route_bias,
     )
     probs_TE, routing_map_TE = result.probs_TE, result.routing_map_TE
     if valid_T is not None:
@@ -689,32 +715,52 @@ def iter_dirichlet_routers(model) -> Iterable[DirichletRouter]:
 
 
 def update_count_control(model) -> int:
-    """One step of every count controller in `model` (a module or a list of chunks): c moves
-    by +-rate towards a mean of k routed experts per token over this step's training forwards,
-    summed over the tensor-, data- and context-parallel ranks (one all-reduce for all layers;
-    every rank of that group must call this once per optimizer step, as Megatron calls
-    `finalize_model_grads`). A router that saw no tokens keeps its c. Returns the number of
-    controllers."""
-    routers = [r for r in iter_dirichlet_routers(model) if r.count_bias is not None
-               and r.training]
+    """One step of every routing controller in `model` (a module or a list of chunks).
+
+    The count controller's c moves by +-rate towards a mean of k routed experts per token, and
+    the load controller's b_i by +-rate towards the mean expert's routed tokens (up for an
+    expert below it, down above), both over this step's training forwards summed over the
+    tensor-, data- and context-parallel ranks: one all-reduce for all layers and both
+    controllers. Every rank of that group must call this once per optimizer step, as Megatron
+    calls `finalize_model_grads`. A router that saw no tokens keeps its biases. Returns the
+    number of routers stepped."""
+    routers = [r for r in iter_dirichlet_routers(model) if r.training
+               and (r.count_bias is not None or r.load_bias is not None)]
     if not routers:
         return 0
     with torch.no_grad():
-        device = routers[0].count_bias.device
-        sums_L2 = torch.stack([r.count_sums.to(device) for r in routers])
-        group = routers[0].tp_dp_cp_group
+        first = routers[0]
+        device = (first.count_bias if first.count_bias is not None else first.load_bias).device
+        # One flat vector: per router its (routed, tokens) sums, then its per-expert loads.
+        pieces = []
+        for router in routers:
+            if router.count_bias is not None:
+                pieces.append(router.count_sums.to(device))
+            if router.load_bias is not None:
+                pieces.append(router.load_sums.to(device))
+        flat = torch.cat(pieces)
+        group = first.tp_dp_cp_group
         if (torch.distributed.is_available() and torch.distributed.is_initialized()
                 and group is not None and group.size() > 1):
-            torch.distributed.all_reduce(sums_L2, group=group)
-        k_L = torch.tensor([float(r.dirmoe_config.target_k) for r in routers], device=device)
-        rate_L = torch.tensor([r.count_control_rate for r in routers], device=device)
-        # Sign rule: a fixed step whatever the size of the miss (so a burst of undecided gates
-        # early in training cannot wind c up), and none without tokens (sign(0) = 0). No host
-        # synchronisation.
-        step_L = torch.sign(k_L * sums_L2[:, 1] - sums_L2[:, 0]) * rate_L
-        for router, step in zip(routers, step_L):
-            router.count_bias.data = router._count_bias_fp32() + step
-            router.count_sums.zero_()
+            torch.distributed.all_reduce(flat, group=group)
+        # Sign rules: a fixed step whatever the size of the miss (so a burst of undecided gates
+        # early in training cannot wind a bias up), and none without tokens (sign(0) = 0). No
+        # host synchronisation.
+        offset = 0
+        for router in routers:
+            router._controller_buffers_fp32()
+            if router.count_bias is not None:
+                routed, tokens = flat[offset], flat[offset + 1]
+                offset += 2
+                step = torch.sign(router.dirmoe_config.target_k * tokens - routed)
+                router.count_bias.add_(step * router.count_control_rate)
+                router.count_sums.zero_()
+            if router.load_bias is not None:
+                load_E = flat[offset:offset + router.num_experts]
+                offset += router.num_experts
+                router.load_bias.add_(torch.sign(load_E.mean() - load_E)
+                                      * router.load_control_rate)
+                router.load_sums.zero_()
             router._counting_since = None
     return len(routers)
 

@@ -194,7 +194,7 @@ def route(
     fallback_k: int = 1,
     slab: str = "head",
     slab_bias_S: Optional[torch.Tensor] = None,
-    count_bias: Optional[torch.Tensor] = None,
+    route_bias: Optional[torch.Tensor] = None,
 ) -> RoutingResult:
     """DirMoE routing for a batch of tokens.
 
@@ -205,10 +205,10 @@ def route(
     slab "gate") and `slab_bias_S` the concentration heads' bias (slab "gated").
     `route_threshold` applies to rule "weight" only; `fallback_k` experts (largest score) go to a
     token where no expert passes the rule. `tau` may be a 0-d tensor (so a compiled caller does
-    not recompile when the schedule moves). `count_bias` (rule "gate" only; a float or a tensor
-    of one element) moves the routing decision alone: expert i is active where l_i + c >= 0
-    (the count controller's bias, see `DirMoEConfig.count_control_rate`); pi, the weights and
-    the regularisers do not see it.
+    not recompile when the schedule moves). `route_bias` (rule "gate" only; a float, or a
+    tensor of 1 or E elements) moves the routing decision alone: expert i is active where
+    l_i + r_i >= 0, with r = c + b the controllers' biases (`DirMoEConfig.count_control_rate`,
+    `DirMoEConfig.load_control_rate`); pi, the weights and the regularisers do not see it.
 
     Noise: `generator` drives the Gumbel (logistic) draw only; the Dirichlet sample always comes
     from torch's default generator of the logits' device (``Dirichlet.rsample`` takes none). To
@@ -219,8 +219,8 @@ def route(
         raise ValueError(f"unknown routing rule {rule!r}; allowed {RULES}")
     if slab not in SLABS:
         raise ValueError(f"unknown slab {slab!r}; allowed {SLABS}")
-    if count_bias is not None and rule != "gate":
-        raise ValueError('count_bias needs rule "gate"')
+    if route_bias is not None and rule != "gate":
+        raise ValueError('route_bias needs rule "gate"')
     spike_logits_TE = spike_logits_TE.float()
 
     # 1. Per-token centring of the spike logits, then the learned bias.
@@ -263,12 +263,12 @@ def route(
     if rule == "gate":
         # 4-5. Active set: gates with pi >= 1/2 (the spike's mode), i.e. l >= 0, decided on the
         #      logits (pi saturates and would tie), at most `max_active` (largest l); a token
-        #      where none passes gets its `fallback_k` most likely experts. The count
-        #      controller's c joins the bias before the sum, so an export that folds c into the
-        #      bias decides bit for bit the same.
+        #      where none passes gets its `fallback_k` most likely experts. The controllers'
+        #      c + b join the bias before the sum, so an export that folds them into the bias
+        #      decides bit for bit the same.
         with torch.no_grad():
-            decision_TE = (logits_TE if count_bias is None
-                           else centred_TE + (spike_bias_E.float() + count_bias))
+            decision_TE = (logits_TE if route_bias is None
+                           else centred_TE + (spike_bias_E.float() + route_bias))
             routing_map_TE, fallback_T, capped_T = _active_set(decision_TE, 0.0, max_active,
                                                                fallback_k)
         probs_TE = theta_TE * routing_map_TE
@@ -334,12 +334,12 @@ def eval_active_count(
     max_active: int,
     rule: str = "weight",
     fallback_k: int = 1,
-    count_bias: Optional[torch.Tensor] = None,
+    route_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Active experts per token [T] that the deterministic (eval) path gives for the same
     logits, from a (possibly training-mode) `RoutingResult`."""
     if rule == "gate":
-        shift = 0.0 if count_bias is None else count_bias
+        shift = 0.0 if route_bias is None else route_bias
         over_T = (result.logits_TE + shift >= 0).sum(dim=-1)
     else:
         mean_theta_TE = result.alpha_q_TE / result.alpha_q_TE.sum(dim=-1, keepdim=True)

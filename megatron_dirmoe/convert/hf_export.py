@@ -122,25 +122,32 @@ def _hf_expected_shapes(hf_config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# The count controller's per-layer bias c (`DirichletRouter.count_bias`). At inference the spike
-# bias b acts only on the routing decision (l + b + c >= 0; the weights are the softmax of the
-# centred logits), so the export folds c into b and the HF model needs no tensor of its own.
-_COUNT_BIAS, _SPIKE_BIAS = "mlp.router.count_bias", "mlp.router.spike_bias"
+# The controllers' biases: the count controller's c [1] and the load controller's b [E]
+# (`DirichletRouter.count_bias`, `.load_bias`). At inference the spike bias acts only on the
+# routing decision (l + (bias + (c + b)) >= 0; the weights are the softmax of the centred logits),
+# so the export folds c + b into it, summed in the router's order, and the HF model needs no
+# tensor of its own.
+_CONTROL_BIASES = ("mlp.router.count_bias", "mlp.router.load_bias")
+_SPIKE_BIAS = "mlp.router.spike_bias"
 
 
-def _fold_count_bias(state: dict) -> dict:
-    """`state` with every router's c added to its spike bias and dropped."""
+def _fold_control_biases(state: dict) -> dict:
+    """`state` with every router's c + b added to its spike bias and dropped."""
     state = dict(state)
-    for key in [k for k in state if k.endswith(_COUNT_BIAS)]:
-        count_bias = state.pop(key)
-        bias_key = key[: -len(_COUNT_BIAS)] + _SPIKE_BIAS
-        state[bias_key] = state[bias_key] + count_bias.to(state[bias_key].dtype)
+    prefixes = {key[: -len(suffix)] for key in state for suffix in _CONTROL_BIASES
+                if key.endswith(suffix)}
+    for prefix in prefixes:
+        biases = [state.pop(prefix + suffix).float() for suffix in _CONTROL_BIASES
+                  if prefix + suffix in state]
+        route_bias = biases[0] if len(biases) == 1 else biases[0] + biases[1]
+        bias_key = prefix + _SPIKE_BIAS
+        state[bias_key] = (state[bias_key].float() + route_bias).to(state[bias_key].dtype)
     return state
 
 
 def megatron_state_to_hf(megatron_state: dict, hf_config) -> dict[str, torch.Tensor]:
     """Map a one-rank Megatron state dict to HF tensors, validated against the HF model."""
-    state = _fold_count_bias({k: v for k, v in megatron_state.items()
+    state = _fold_control_biases({k: v for k, v in megatron_state.items()
                               if not k.endswith("._extra_state")})
     expected = _hf_expected_shapes(hf_config)
     hf_state = megatron_to_hf(state, layout_from_hf_config(hf_config), expected)
@@ -395,8 +402,8 @@ def hf_state_to_megatron_model(model, hf_dir: Union[str, Path]) -> None:
     target = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
     expected = {k: tuple(v.shape) for k, v in target.items()}
     state = hf_to_megatron(hf_state, layout_from_hf_config(hf_config), expected)
-    for key in target:  # c stays folded into the spike bias: the controller restarts at 0
-        if key.endswith(_COUNT_BIAS) and key not in state:
+    for key in target:  # c + b stay folded into the spike bias: the controllers restart at 0
+        if key.endswith(_CONTROL_BIASES) and key not in state:
             state[key] = torch.zeros_like(target[key])
     extra = sorted(set(target) - set(state))
     if extra:

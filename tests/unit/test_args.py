@@ -38,6 +38,7 @@ NON_DEFAULT = {
     "sparsity_weight": "0.03",
     "count_weight": "0.3",
     "count_control_rate": "0.05",
+    "load_control_rate": "0.02",
     "balance_weight": "0.2",
     "recon_variance": "2",
     "leak": "0.01",

@@ -13,12 +13,12 @@ from megatron_dirmoe.routing import _active_set, eval_active_count, route
 E, H = 8, 64
 
 
-def _route(logits_TE, count_bias=None, training=False, **overrides):
+def _route(logits_TE, route_bias=None, training=False, **overrides):
     kwargs = dict(tau=0.5, posterior_scale=1000.0, alpha_floor=1e-3, alpha_ceiling=1e4,
                   leak=1e-3, route_threshold=0.125, max_active=E, renormalize=True,
                   rule="gate", fallback_k=2, slab="gate")
     kwargs.update(overrides)
-    return route(logits_TE, None, torch.zeros(E), count_bias=count_bias, training=training,
+    return route(logits_TE, None, torch.zeros(E), route_bias=route_bias, training=training,
                  **kwargs)
 
 
@@ -27,7 +27,7 @@ def test_count_bias_moves_the_routing_decision_only():
     logits_TE = torch.randn(64, E) * 2.0
     base = _route(logits_TE)
     for c in (-0.7, 0.0, 0.4, 1.3):
-        shifted = _route(logits_TE, count_bias=torch.tensor([c]))
+        shifted = _route(logits_TE, route_bias=torch.tensor([c]))
         centred_TE = logits_TE - logits_TE.mean(-1, keepdim=True)
         expected_map, expected_fallback, _ = _active_set(centred_TE + c, 0.0, E, 2)
         assert torch.equal(shifted.routing_map_TE, expected_map)
@@ -39,7 +39,7 @@ def test_count_bias_moves_the_routing_decision_only():
         mean_TE = torch.softmax(centred_TE, -1) * expected_map
         torch.testing.assert_close(shifted.probs_TE, mean_TE / mean_TE.sum(-1, keepdim=True))
         counts = eval_active_count(shifted, route_threshold=0.125, leak=1e-3, max_active=E,
-                                   rule="gate", fallback_k=2, count_bias=torch.tensor([c]))
+                                   rule="gate", fallback_k=2, route_bias=torch.tensor([c]))
         assert torch.equal(counts, expected_map.sum(-1))
     # A larger c routes more experts on average: the handle the controller turns.
     means = [_route(logits_TE, torch.tensor([c])).routing_map_TE.sum(-1).float().mean()
@@ -50,8 +50,8 @@ def test_count_bias_moves_the_routing_decision_only():
 
 
 def test_count_bias_needs_the_gate_rule():
-    with pytest.raises(ValueError, match="count_bias"):
-        _route(torch.randn(4, E), count_bias=torch.tensor([0.5]), rule="weight")
+    with pytest.raises(ValueError, match="route_bias"):
+        _route(torch.randn(4, E), route_bias=torch.tensor([0.5]), rule="weight")
 
 
 @pytest.fixture

@@ -67,8 +67,8 @@ def _randomize(model) -> None:
             else:
                 param.copy_(0.08 * noise)
         for name, buffer in model.named_buffers():
-            if name.endswith("count_bias"):  # the count controller's c: folded into b on export
-                buffer.copy_(0.5 * torch.randn(buffer.shape, generator=gen))
+            if name.endswith(("count_bias", "load_bias")):  # the controllers' c and b: folded
+                buffer.copy_(0.5 * torch.randn(buffer.shape, generator=gen))  # into the bias
 
 
 def _megatron_logits(model, tokens):
@@ -273,13 +273,15 @@ def test_hf_to_megatron_round_trip_is_exact(exported, tmp_path):
     original = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     again = {k: v for k, v in reloaded.state_dict().items() if not k.endswith("_extra_state")}
     assert original.keys() == again.keys()
-    # The count controller's c comes back folded into the spike bias (the same routing).
-    folded = [k for k in original if k.endswith("count_bias")]
-    assert bool(folded) == (exported[0] == "rms_gqa_freq_shared")  # calibrated recipe only
-    for name in folded:
-        bias = name.replace("count_bias", "spike_bias")
-        assert original[name].abs().max() > 0 and torch.equal(again[name], torch.zeros(1))
-        assert torch.equal(again[bias], original[bias] + original.pop(name))
+    # The controllers' c and b come back folded into the spike bias (the same routing).
+    counts = [k for k in original if k.endswith("count_bias")]
+    assert bool(counts) == (exported[0] == "rms_gqa_freq_shared")  # calibrated recipe only
+    for name in counts:
+        load, bias = (name.replace("count_bias", other) for other in ("load_bias", "spike_bias"))
+        assert original[name].abs().max() > 0 and original[load].abs().max() > 0  # k = 2: on
+        assert torch.equal(again[name], torch.zeros(1))
+        assert torch.equal(again[load], torch.zeros_like(original[load]))
+        assert torch.equal(again[bias], original[bias] + (original.pop(name) + original.pop(load)))
         original.pop(bias)
     for name, tensor in original.items():
         assert torch.equal(tensor, again[name]), name

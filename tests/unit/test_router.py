@@ -179,7 +179,7 @@ def test_reported_metrics_are_those_of_all_tokens_of_the_step(router_factory):
 
     tracker = install_metrics_tracker()
     tracker.clear()
-    router = router_factory(target_k=2)
+    router = router_factory(target_k=2, load_control_rate=0.0)  # the balance term on
     router.set_iteration(50)
     torch.manual_seed(1)
     maps = [router(torch.randn(16, 2, H) * scale)[1] for scale in (0.1, 30.0)]
@@ -200,6 +200,7 @@ def test_reported_metrics_are_those_of_all_tokens_of_the_step(router_factory):
     assert got["dirmoe/tau"] == pytest.approx(router.temperature) == pytest.approx(1.15)
     assert got["dirmoe/prior_scale"] == pytest.approx(0.4)
     assert got["dirmoe/kl"] > 0 and got["dirmoe/balance_penalty"] > 0
+    assert got["dirmoe/load_bias_spread"] == 0.0  # no load controller
     assert f"dirmoe/active_experts_max: {count.max().item():.2f} |" in text
     assert f"dirmoe/effective_experts: {1 / (share * share).sum().item():.2f} |" in text
     # Reported and cleared: the next report has nothing to say.
