@@ -3,7 +3,7 @@
 
 The story: you already build a Megatron-Core `GPTModel` from one of Megatron's layer specs and
 train it with your own loop. Two lines make its MoE layers route with `DirichletRouter`, and two
-calls per step drive the router's schedules and its count controller:
+calls per step drive the router's schedules and its count and load controllers:
 
     spec = swap_router(get_gpt_layer_local_spec(num_experts=8),     # your spec (TE spec on GPUs)
                        dirichlet_router_builder(DirMoEConfig(target_k=1, schedule_iters=steps)))
@@ -11,7 +11,7 @@ calls per step drive the router's schedules and its count controller:
     set_router_iteration(model, step)          # every step: tau_z and lambda_p follow `step`
     ...
     optimizer.step()
-    update_count_control(model)                # after every optimizer step: holds k per token
+    update_count_control(model)                # after every optimizer step: k per token, balanced load
 
 The router's regularisers (Dirichlet KL, count penalty, aggregate spike prior) ride on the
 activations through Megatron's `MoEAuxLossAutoScaler`: ``loss.backward()`` already includes them,

@@ -52,8 +52,10 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
 # a checkpoint without `recipe` trained with the notes-literal recipe (then called "paper").
 # A stored config without `count_control_rate` held its count with the count penalty alone, and
 # one without `load_control_rate` its load with the balance term alone.
+# One without `unnormalized_weight` weighted a single expert by its posterior mean share.
 IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper-notes", "slab_mean": "head",
-                                 "count_control_rate": 0.0, "load_control_rate": 0.0}
+                                 "count_control_rate": 0.0, "load_control_rate": 0.0,
+                                 "unnormalized_weight": "posterior-mean"}
 # A stored config without this field predates the three-head "paper" recipe: its "paper" is
 # today's "paper-notes".
 _FIELD_OF_THREE_HEAD_RELEASE = "tau_schedule"
@@ -216,6 +218,14 @@ class DirMoEConfig:
         "0.1 without the load controller (k = 1), 0 with it",
         default=None,
     )
+    unnormalized_weight: str = _doc(
+        "recipe 'calibrated' only: an active expert's weight when the weights are not "
+        "renormalised over the active set (k = 1 by default): 'sigmoid' of its centred gate "
+        "logit (its own confidence, whatever the other experts' logits, as DeepSeek-V3's "
+        "sigmoid router scales its experts) or 'posterior-mean' (its softmax share of the "
+        "Dirichlet posterior mean over all E experts, which starts at 1/E; before this release)",
+        default="sigmoid",
+    )
     slab_mean: str = _doc(
         "recipe 'calibrated' only: where the Dirichlet posterior's mean comes from: 'gate' "
         "(the softmax of the token's gate logits, so the LM loss teaches the gates through the "
@@ -282,6 +292,8 @@ class DirMoEConfig:
             bad("prior_scale_schedule", "'cosine' or 'exponential'")
         if self.slab_mean not in ("gate", "head"):
             bad("slab_mean", "'gate' or 'head'")
+        if self.unnormalized_weight not in ("sigmoid", "posterior-mean"):
+            bad("unnormalized_weight", "'sigmoid' or 'posterior-mean'")
         if self.tau_schedule not in ("cosine", "exponential"):
             bad("tau_schedule", "'cosine' or 'exponential'")
         if self.tau_decay is not None:
@@ -554,9 +566,10 @@ def dirmoe_config_from_args(args: argparse.Namespace,
         config = DirMoEConfig(**given)
         # A flag that the chosen recipe ignores is a mistake worth stopping for.
         ignored = {"paper": ("balance_weight", "count_weight", "slab_mean",
-                             "count_control_rate", "load_control_rate"),
+                             "count_control_rate", "load_control_rate", "unnormalized_weight"),
                    "paper-notes": ("balance_weight", "count_weight", "slab_mean",
-                                   "count_control_rate", "load_control_rate"),
+                                   "count_control_rate", "load_control_rate",
+                                   "unnormalized_weight"),
                    "calibrated": ("route_threshold", "sparsity_weight")}[config.recipe]
         for name in ignored:
             if name in given:

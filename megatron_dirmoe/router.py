@@ -152,6 +152,8 @@ class DirichletRouter(Router):
             fallback_k=cfg.fallback_k,
             slab=cfg.slab,
             count_on_sample=cfg.count_on_sample,
+            unnormalized_weight=(cfg.unnormalized_weight if cfg.recipe == "calibrated"
+                                 else "posterior-mean"),
             loss_scale_kl=cfg.recon_variance * cfg.kl_weight,
             loss_scale_sparsity=cfg.recon_variance * cfg.effective_count_weight,
             with_balance=cfg.recon_variance * cfg.effective_balance_weight > 0,
@@ -639,6 +641,7 @@ def _routing_step(
     loss_scale_sparsity: float,
     with_balance: bool = True,
     route_bias: Optional[torch.Tensor] = None,
+    unnormalized_weight: str = "posterior-mean",
 ):
     """Everything the router computes per step, as one function of tensors (so torch.compile
     can fuse it on CUDA): routing, padding, the summed regulariser, statistics."""
@@ -660,6 +663,7 @@ def _routing_step(
         slab=slab,
         slab_bias_S=slab_bias_S,
         route_bias=route_bias,
+        unnormalized_weight=unnormalized_weight,
     )
     probs_TE, routing_map_TE = result.probs_TE, result.routing_map_TE
     if valid_T is not None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 __all__ = [
     "RULES",
     "SLABS",
+    "UNNORMALIZED_WEIGHTS",
     "RoutingResult",
     "bernoulli_kl",
     "balance_penalty",
@@ -61,6 +62,14 @@ RULES = ("gate", "weight")
 #            heads alpha_hi/lo(x) = softplus(head + bias): the posterior conditioned on the relaxed
 #            gates z (the paper's structure).
 SLABS = ("gate", "head", "gated")
+
+# The weight of an active expert when the weights are not renormalised over the active set
+# (rule "gate", slab "gate"; k = 1 in the calibrated recipe):
+# - "sigmoid":        sigmoid of the expert's centred gate logit, its own confidence whatever the
+#                     other experts' logits (as DeepSeek-V3's sigmoid router scales its experts);
+# - "posterior-mean": its share of the Dirichlet posterior (mean), softmax over all E experts,
+#                     which starts at 1/E (releases before the sigmoid weight).
+UNNORMALIZED_WEIGHTS = ("sigmoid", "posterior-mean")
 
 
 def slab_heads(slab: str) -> int:
@@ -195,6 +204,7 @@ def route(
     slab: str = "head",
     slab_bias_S: Optional[torch.Tensor] = None,
     route_bias: Optional[torch.Tensor] = None,
+    unnormalized_weight: str = "posterior-mean",
 ) -> RoutingResult:
     """DirMoE routing for a batch of tokens.
 
@@ -209,6 +219,8 @@ def route(
     tensor of 1 or E elements) moves the routing decision alone: expert i is active where
     l_i + r_i >= 0, with r = c + b the controllers' biases (`DirMoEConfig.count_control_rate`,
     `DirMoEConfig.load_control_rate`); pi, the weights and the regularisers do not see it.
+    `unnormalized_weight` (`UNNORMALIZED_WEIGHTS`) sets an active expert's weight when
+    `renormalize` is off under rule "gate" with slab "gate".
 
     Noise: `generator` drives the Gumbel (logistic) draw only; the Dirichlet sample always comes
     from torch's default generator of the logits' device (``Dirichlet.rsample`` takes none). To
@@ -221,6 +233,9 @@ def route(
         raise ValueError(f"unknown slab {slab!r}; allowed {SLABS}")
     if route_bias is not None and rule != "gate":
         raise ValueError('route_bias needs rule "gate"')
+    if unnormalized_weight not in UNNORMALIZED_WEIGHTS:
+        raise ValueError(f"unknown unnormalized_weight {unnormalized_weight!r}; allowed "
+                         f"{UNNORMALIZED_WEIGHTS}")
     spike_logits_TE = spike_logits_TE.float()
 
     # 1. Per-token centring of the spike logits, then the learned bias.
@@ -271,9 +286,13 @@ def route(
                            else centred_TE + (spike_bias_E.float() + route_bias))
             routing_map_TE, fallback_T, capped_T = _active_set(decision_TE, 0.0, max_active,
                                                                fallback_k)
-        probs_TE = theta_TE * routing_map_TE
         if renormalize:
+            probs_TE = theta_TE * routing_map_TE
             probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
+        elif unnormalized_weight == "sigmoid" and slab == "gate":
+            probs_TE = torch.sigmoid(centred_TE) * routing_map_TE
+        else:
+            probs_TE = theta_TE * routing_map_TE
         if slab == "head":
             # The weights do not depend on the gates here, so the gates learn from the LM loss
             # through a straight-through gate: 1 on the active set in the forward, dz/dl in the

@@ -101,6 +101,8 @@ def hf_config_from_megatron(model, config, dirmoe_config, iteration: int, **extr
         router_fallback_k=dirmoe_config.fallback_k,
         router_logit_heads=next(iter(router_rows)) // E,
         router_slab=dirmoe_config.slab,
+        router_unnormalized_weight=(dirmoe_config.unnormalized_weight
+                                    if dirmoe_config.recipe == "calibrated" else "posterior-mean"),
         tie_word_embeddings=model.share_embeddings_and_output_weights,
         architectures=["DirMoEForCausalLM"],
         auto_map=dict(AUTO_MAP),

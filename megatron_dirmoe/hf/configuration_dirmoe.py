@@ -72,6 +72,7 @@ class DirMoEHFConfig(PretrainedConfig):
         router_fallback_k: Optional[int] = None,
         router_logit_heads: int = 2,
         router_slab: str = "head",
+        router_unnormalized_weight: str = "posterior-mean",
         num_experts_per_tok: Optional[int] = None,
         initializer_range: float = 0.02,
         use_cache: bool = True,
@@ -116,6 +117,9 @@ class DirMoEHFConfig(PretrainedConfig):
             router_target_k if router_rule == "gate" else 1)
         self.router_logit_heads = router_logit_heads
         self.router_slab = router_slab
+        # An active expert's weight without renormalisation (`routing.UNNORMALIZED_WEIGHTS`);
+        # exports before the sigmoid weight used the posterior mean share.
+        self.router_unnormalized_weight = router_unnormalized_weight
         if num_experts_per_tok not in (None, self.router_max_active):
             raise ValueError(f"num_experts_per_tok={num_experts_per_tok} differs from "
                              f"router_max_active={self.router_max_active}; it is its alias")
@@ -142,6 +146,9 @@ class DirMoEHFConfig(PretrainedConfig):
             )
         if self.router_rule not in ("gate", "weight"):
             raise ValueError(f"router_rule={self.router_rule!r}: allowed 'gate', 'weight'")
+        if self.router_unnormalized_weight not in ("sigmoid", "posterior-mean"):
+            raise ValueError(f"router_unnormalized_weight={self.router_unnormalized_weight!r}: "
+                             "allowed 'sigmoid', 'posterior-mean'")
         if not 1 <= self.router_fallback_k <= self.router_max_active:
             raise ValueError(f"router_fallback_k={self.router_fallback_k}: allowed "
                              f"1..router_max_active={self.router_max_active}")

@@ -301,6 +301,7 @@ class DirMoERouter(nn.Module):
             rule=config.router_rule,
             fallback_k=config.router_fallback_k,
             slab=config.router_slab,
+            unnormalized_weight=config.router_unnormalized_weight,
             training=False,
         )
 

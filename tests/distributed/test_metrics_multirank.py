@@ -40,7 +40,9 @@ def _router(tp: int, pp: int):
         num_layers=pp, hidden_size=HIDDEN, num_moe_experts=E, moe_router_topk=4,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         sequence_parallel=tp > 1, pipeline_dtype=torch.float32)
-    router = DirichletRouter(config, dirmoe_config=DirMoEConfig(schedule_iters=10, target_k=1))
+    # The load controller on (off by default at k = 1), the balance term kept.
+    router = DirichletRouter(config, dirmoe_config=DirMoEConfig(
+        schedule_iters=10, target_k=1, load_control_rate=0.03, balance_weight=0.1))
     router.set_layer_number(ps.get_pipeline_model_parallel_rank() + 1)  # one layer per stage
     with torch.no_grad():  # spike logit of expert e = 50 x_e: a one-hot token picks its expert
         router.weight.zero_()
@@ -97,6 +99,7 @@ def run_layouts(rank: int, world_size: int) -> dict:
             with count_collectives() as control:
                 update_count_control(router)
             view[case] = dict(count_bias=router.count_bias.item(), control=dict(control),
+                load_bias=router.load_bias.tolist(),
                 metrics={k: v.tolist() for k, v in tracker.last_per_layer.items()},
                 per_layer=dict(per_layer), per_step=dict(per_step), syncs=syncs.count,
                 tokens=MICRO * local * world_size // pp)
@@ -168,3 +171,16 @@ def test_count_controller_steps_on_the_global_count(layouts, name):
         assert view["one_token_three_experts"]["count_bias"] == pytest.approx(
             -0.03 if has_extra else 0.0, abs=1e-9)
         assert view["one_token_three_experts"]["control"].get("all_reduce") == 1
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_load_controller_steps_on_the_global_load(layouts, name):
+    """Each rank's shard loads only some experts, but the global load is uniform: b stays 0.
+    With the extra token (rank 0: experts 1 and 2 get one more token per micro-batch) those two
+    are above the mean and step down, the rest step up, on every rank of the first stage, from
+    the same single all-reduce as the count controller."""
+    for view in layouts[name]:
+        assert view["uniform"]["load_bias"] == [0.0] * E
+        has_extra = view["stage"] == 0
+        expected = ([0.03, -0.03, -0.03] + [0.03] * (E - 3)) if has_extra else [0.0] * E
+        assert view["one_token_three_experts"]["load_bias"] == pytest.approx(expected, abs=1e-9)

@@ -23,6 +23,7 @@ ARGS = [
     "--micro-batch-size", "8", "--global-batch-size", "16",
     "--train-iters", str(ITERS), "--lr", "2e-3", "--min-lr", "2e-4",
     "--log-interval", "5", "--eval-interval", "20", "--eval-iters", "2", "--save-interval", "40",
+    "--dirmoe-target-k", "2",  # k >= 2: the load controller is on as well
 ]
 
 
@@ -49,9 +50,11 @@ def test_pretrain_megatron_training_path(tmp_path):
         assert name in last, last
     tau = float(re.search(r"dirmoe/tau: ([0-9.]+)", last).group(1))
     assert tau == pytest.approx(0.3, abs=0.02)
-    # The count controller steps inside Megatron's finalize_model_grads (wrapped by our forward
+    # The count and load controllers step inside Megatron's finalize_model_grads (wrapped by our forward
     # step): its c is logged, and the warning for an unstepped controller stays silent.
     assert "dirmoe/count_bias" in last, last
+    spread = float(re.search(r"dirmoe/load_bias_spread: ([0-9.]+)", last).group(1))
+    assert spread > 0, last  # the load controller's b moved (stepped in the same place)
     assert "count controller has not been stepped" not in out
     assert "routing summary" in out
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERS)

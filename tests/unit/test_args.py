@@ -50,6 +50,7 @@ NON_DEFAULT = {
     "prior_mass_variance": "0.01",
     "posterior_simpson": "0.8",
     "slab_mean": "head",
+    "unnormalized_weight": "posterior-mean",
 }
 
 
@@ -72,7 +73,7 @@ def test_every_field_reachable_from_the_cli(name):
     else:
         argv = [flag_name(name), value]
         expected = (value if name in ("prior_scale_schedule", "recipe", "tau_schedule",
-                                      "slab_mean") else float(value))
+                                      "slab_mean", "unnormalized_weight") else float(value))
     kwargs = {}
     if name in ("route_threshold", "sparsity_weight"):  # flags of the paper recipe only
         argv += ["--dirmoe-recipe", "paper"]

@@ -401,6 +401,9 @@ def test_checkpoint_from_pretrain_entry_point(megatron_single_rank, tmp_path):
     model = result.model.eval()
     set_router_iteration(model, iters)
     hf = _load_hf(tmp_path / "hf")
+    # k = 1: the single expert's weight is the sigmoid of its centred logit, in both models.
+    assert (hf.config.router_renormalize, hf.config.router_unnormalized_weight) == (False,
+                                                                                   "sigmoid")
     gen = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, hf.config.vocab_size, (2, 20), generator=gen)
     with torch.no_grad():

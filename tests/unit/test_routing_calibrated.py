@@ -293,3 +293,43 @@ def test_gate_slab_single_expert_weight_keeps_a_gradient_without_renormalisation
     res = _gate_slab_route(spike, bias, 1.0, False, renormalize=False, k=1)
     (res.probs_TE * torch.randn(64, E)).sum().backward()
     assert (spike.grad.abs() > 0).all() and spike.grad.abs().max() > 1e-2
+
+
+def test_unnormalised_single_weight_is_the_sigmoid_of_the_centred_gate_logit():
+    """Without renormalisation (k = 1) the default weight of an active expert is
+    sigmoid(l_i - mean_j l_j), its own confidence: independent of the spike bias and the
+    controllers (which only move the decision), and, unlike the softmax share, not 1/E when the
+    logits are equal. 'posterior-mean' keeps the softmax share of releases before it."""
+    torch.manual_seed(9)
+    spike = (torch.randn(64, E) * 2).requires_grad_()
+    bias = torch.full((E,), -0.4)
+    kwargs = dict(tau=0.5, posterior_scale=1000.0, alpha_floor=0.005, alpha_ceiling=1000.0,
+                  leak=1e-3, route_threshold=0.125, max_active=E, renormalize=False,
+                  training=True, rule="gate", fallback_k=1, slab="gate")
+    res = route(spike, None, bias, unnormalized_weight="sigmoid",
+                route_bias=torch.linspace(-0.5, 0.5, E), **kwargs)
+    centred = spike - spike.mean(-1, keepdim=True)
+    torch.testing.assert_close(res.probs_TE, torch.sigmoid(centred) * res.routing_map_TE)
+    # The gradient of one token's single weight: sigmoid' (delta_ij - 1/E), reaching every logit.
+    c = torch.randn(64, E)
+    (res.probs_TE * c).sum().backward()
+    s = torch.sigmoid(centred.detach())
+    g = (c * s * (1 - s) * res.routing_map_TE)
+    torch.testing.assert_close(spike.grad, g - g.sum(-1, keepdim=True) / E)
+    flat = route(torch.zeros(4, E), None, torch.full((E,), 1.0), unnormalized_weight="sigmoid",
+                 **dict(kwargs, training=False))
+    assert (flat.probs_TE[flat.routing_map_TE] == 0.5).all()  # not 1/E
+    mean = route(spike.detach(), None, bias, unnormalized_weight="posterior-mean",
+                 **dict(kwargs, training=False))
+    share = (1000.0 * torch.softmax(centred.detach(), -1)).clamp(0.005, 1000.0)
+    torch.testing.assert_close(mean.probs_TE, share / share.sum(-1, keepdim=True)
+                               * mean.routing_map_TE)
+    with pytest.raises(ValueError, match="unnormalized_weight"):
+        route(spike, None, bias, unnormalized_weight="softmax", **kwargs)
+    # The recipe's default, and the value of configs stored before it existed.
+    assert DirMoEConfig(target_k=1).unnormalized_weight == "sigmoid"
+    from megatron_dirmoe.config import IMPLICIT_IN_OLDER_CHECKPOINTS
+
+    assert IMPLICIT_IN_OLDER_CHECKPOINTS["unnormalized_weight"] == "posterior-mean"
+    with pytest.raises(ValueError, match="--dirmoe-unnormalized-weight"):
+        DirMoEConfig(unnormalized_weight="softmax")
