@@ -7,7 +7,7 @@ Public API:
     get_dirmoe_decoder_block_spec   the same for a whole decoder block (moe_layer_freq, PP)
     swap_router             one-line router swap on any Megatron MoE layer/block spec
     set_router_iteration    tell every DirMoE router the training iteration (schedules)
-    update_count_control    step every router's count controller (after each optimizer step)
+    update_count_control    step every router's count and load controllers (after each optimizer step)
 
 Megatron-dependent names are imported lazily, so `megatron_dirmoe.config` and
 `megatron_dirmoe.routing` (pure Python / torch) stay importable without Megatron.

@@ -269,7 +269,12 @@ def route(
         alpha_hi_TE, alpha_lo_TE = F.softplus(heads_TS).chunk(2, dim=-1)
         alpha_q_TE = posterior_scale * (gate_TE * alpha_hi_TE + (1.0 - gate_TE) * alpha_lo_TE)
     alpha_q_TE = alpha_q_TE.clamp(alpha_floor, alpha_ceiling)
-    if training:
+    # The sigmoid single weight does not read the slab: no Dirichlet draw for it.
+    sigmoid_weight = (rule == "gate" and slab == "gate" and not renormalize
+                      and unnormalized_weight == "sigmoid")
+    if sigmoid_weight:
+        theta_TE = None
+    elif training:
         # validate_args=False: the default validation syncs device->host on every call.
         theta_TE = torch.distributions.Dirichlet(alpha_q_TE, validate_args=False).rsample()
     else:
@@ -289,7 +294,7 @@ def route(
         if renormalize:
             probs_TE = theta_TE * routing_map_TE
             probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
-        elif unnormalized_weight == "sigmoid" and slab == "gate":
+        elif sigmoid_weight:
             probs_TE = torch.sigmoid(centred_TE) * routing_map_TE
         else:
             probs_TE = theta_TE * routing_map_TE

@@ -128,7 +128,7 @@ def get_batch(data_iterator, vp_stage=None, config=None) -> dict:
 
 
 def _hook_count_control(config) -> None:
-    """Step the routers' count controllers where Megatron steps its own expert bias: in
+    """Step the routers' count and load controllers where Megatron steps its own expert bias: in
     ``config.finalize_model_grads_func``, once per optimizer step after the last micro-batch's
     backward, on every rank. Megatron's `train()` sets that function before its first forward
     step, so the first forward step wraps it (once)."""

@@ -43,8 +43,10 @@ def _router(sizes: dict, sequence_parallel: bool):
         expert_model_parallel_size=sizes.get("expert_model_parallel_size", 1),
         sequence_parallel=sequence_parallel)
     torch.manual_seed(0)
+    # k = 2: the renormalised weights come from the Dirichlet draw (at k = 1 the default
+    # weight is the sigmoid of the gate logit, which draws no noise in the forward).
     router = DirichletRouter(config, dirmoe_config=DirMoEConfig(
-        target_k=1, schedule_iters=10, torch_compile=False))
+        target_k=2, schedule_iters=10, torch_compile=False))
     router.set_layer_number(1)
     return router.train()
 
