@@ -228,7 +228,11 @@ def load_cpu_checkpoint(root, model, optimizer=None, scheduler=None, *, iteratio
 # DirMoE settings that change only speed, not what is trained: free to change on resume.
 _RESUME_NEUTRAL_FIELDS = ("torch_compile",)
 # Fields added after checkpoints were first written, with the value that older runs used.
-_IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper"}
+_IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper", "count_control_rate": 0.0,
+                                  "load_control_rate": 0.0,
+                                  "unnormalized_weight": "posterior-mean"}
+# Routing controllers and the buffer that holds their state in the checkpoint.
+_CONTROLLER_BUFFERS = {"count_control_rate": "count_bias", "load_control_rate": "load_bias"}
 
 
 def dirmoe_config_changes(saved: dict, current: dict) -> list[str]:
@@ -240,6 +244,8 @@ def dirmoe_config_changes(saved: dict, current: dict) -> list[str]:
     for name, value in current.items():
         if name in _RESUME_NEUTRAL_FIELDS:
             continue
+        if name == "unnormalized_weight" and current.get("renormalize"):
+            continue  # renormalised weights do not read it
         if name in saved:
             old = saved[name]
         elif name in _IMPLICIT_IN_OLDER_CHECKPOINTS:
@@ -258,11 +264,14 @@ def check_resume_config(saved_args, args, where) -> None:
     ``--dirmoe-allow-config-change`` is given."""
     saved = getattr(saved_args, "dirmoe_config", None)
     current = getattr(args, "dirmoe_config", None)
-    if not saved or not current or getattr(args, "dirmoe_allow_config_change", False):
+    if not saved or not current:
         return
     if getattr(saved_args, "dirmoe_router", "dirichlet") != "dirichlet" or getattr(
             args, "dirmoe_router", "dirichlet") != "dirichlet":
         return  # TopK baselines have no DirMoE state to protect
+    _check_controller_state(saved, current, where)
+    if getattr(args, "dirmoe_allow_config_change", False):
+        return
     changes = dirmoe_config_changes(saved, current)
     if changes:
         from megatron_dirmoe.errors import UserError
@@ -273,6 +282,30 @@ def check_resume_config(saved_args, args, where) -> None:
             "resume with the checkpoint's values, or pass --dirmoe-allow-config-change to "
             "continue with the new ones"
         )
+
+
+def _controller_on(config: dict, name: str) -> bool:
+    rate = config.get(name, _IMPLICIT_IN_OLDER_CHECKPOINTS[name])
+    return config.get("recipe", "paper") == "calibrated" and bool(rate) and rate > 0
+
+
+def _check_controller_state(saved: dict, current: dict, where) -> None:
+    """A routing controller that the checkpoint's run did not have has no state (c, b) in it to
+    load: stop with the flags to use, even under --dirmoe-allow-config-change, instead of a
+    missing-tensor error from the checkpoint loader."""
+    from megatron_dirmoe.config import flag_name
+    from megatron_dirmoe.errors import UserError
+
+    missing = [name for name in _CONTROLLER_BUFFERS
+               if _controller_on(current, name) and not _controller_on(saved, name)]
+    if missing:
+        flags = " ".join(f"{flag_name(name)} 0" for name in missing)
+        raise UserError(
+            f"--load {where}: the checkpoint was trained without "
+            f"{' and '.join(_CONTROLLER_BUFFERS[name] for name in missing)} (the "
+            f"{', '.join(flag_name(name) for name in missing)} controller, on by default in "
+            "this release), so it holds no state for it",
+            f"resume with {flags} (and the checkpoint's other settings), or start a new run")
 
 
 def _has_expert_optimizer(args) -> bool:

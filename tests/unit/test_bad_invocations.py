@@ -150,6 +150,10 @@ ROWS = [
         ("--num-experts: saved 4, given 8", "--save DIR --load DIR"), checkpoint=True),
     Row("resume-other-router-settings", lambda e: ["--dirmoe-count-weight", "0.3"],
         ("--dirmoe-count-weight 0.1 -> 0.3", "--dirmoe-allow-config-change"), checkpoint=True),
+    Row("resume-controller-without-state",  # the k = 1 run has no load controller's b
+        lambda e: ["--dirmoe-load-control-rate", "0.03", "--dirmoe-allow-config-change"],
+        ("--load {ckpt}: the checkpoint was trained without load_bias",
+         "resume with --dirmoe-load-control-rate 0"), checkpoint=True),
     Row("checkpoint-shard-truncated", lambda e: [],
         ("{ckpt}/iter_0000002/__0_0.distcp is", "(truncated)",
          "newest intact earlier checkpoint is {ckpt}/iter_0000001", "--ckpt-step 1"),

@@ -3,6 +3,8 @@ routing metrics, a checkpoint in megatron.training's layout that loads back), an
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -230,3 +232,38 @@ def test_release_checkpoint_loads_like_megatron_training(tmp_path, data_cache, c
     assert "loaded the release checkpoint" in capsys.readouterr().out
     assert list(second.losses) == [1]  # iteration 0 -> 1: a new run from the released weights
     assert second.losses[1] < first.losses[1] - 0.05  # ... which had trained for 2 steps
+
+
+def test_resume_check_names_new_defaults_and_refuses_controllers_without_state():
+    """A checkpoint written before the routing controllers and the sigmoid single weight: the
+    new defaults are changes to name (older runs had no controller and the softmax share), and
+    a controller whose state the checkpoint lacks stops the resume even when changes are
+    allowed, with the flag that turns it off."""
+    import types
+
+    from megatron_dirmoe.config import DirMoEConfig
+    from megatron_dirmoe.training.checkpointing import check_resume_config, dirmoe_config_changes
+
+    older = {"recipe": "calibrated", "target_k": 1, "count_weight": 0.1, "balance_weight": 0.1,
+             "renormalize": False, "slab_mean": "gate", "tau_schedule": "cosine"}
+    now = dict(older, count_control_rate=0.03, load_control_rate=0.0,
+               unnormalized_weight="sigmoid")
+    assert dirmoe_config_changes(older, now) == [
+        "--dirmoe-count-control-rate 0.0 -> 0.03",
+        "--dirmoe-unnormalized-weight 'posterior-mean' -> 'sigmoid'"]
+    # With renormalised weights (k >= 2) the single-weight setting has no effect: not a change.
+    k2 = dict(older, target_k=2, renormalize=True, count_control_rate=0.03)
+    assert dirmoe_config_changes(k2, dict(k2, unnormalized_weight="sigmoid")) == []
+
+    def resume(saved, current, allow=False):
+        check_resume_config(types.SimpleNamespace(dirmoe_config=saved),
+                            types.SimpleNamespace(dirmoe_config=current,
+                                                  dirmoe_allow_config_change=allow), "ckpt")
+
+    new_k2 = dataclasses.asdict(DirMoEConfig(target_k=2, schedule_iters=10))
+    with pytest.raises(ValueError, match="--dirmoe-load-control-rate 0"):
+        resume(k2, new_k2, allow=True)
+    with pytest.raises(ValueError, match="--dirmoe-count-control-rate 0"):
+        resume(older, now, allow=True)
+    resume(k2, dict(new_k2, load_control_rate=0.0, balance_weight=0.1, count_weight=0.1,
+                    schedule_iters=None, tau_schedule="cosine"), allow=True)  # no new state
