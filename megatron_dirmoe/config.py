@@ -343,23 +343,26 @@ class DirMoEConfig:
         if defaults is None:
             return  # an unknown recipe: validation names it
         values = dict(defaults)
+
+        def resolved(name: str) -> Any:
+            """The value `name` will have: the one given, else the recipe's (as filled so far)."""
+            given = getattr(self, name)
+            return values[name] if given is None else given
+
         if values["renormalize"] is None:
             values["renormalize"] = isinstance(self.target_k, int) and self.target_k >= 2
-        renormalize = self.renormalize if self.renormalize is not None else values["renormalize"]
-        control = (self.count_control_rate if self.count_control_rate is not None
-                   else values["count_control_rate"])
+        renormalize = resolved("renormalize")
         if values["count_weight"] is None:
             # k = 1 (no renormalisation) keeps the penalty: without it the gates stay undecided
             # and most tokens ride the top-k fallback.
-            values["count_weight"] = 0.1 if not renormalize else (0.0 if control else 0.01)
+            values["count_weight"] = (0.1 if not renormalize
+                                      else 0.0 if resolved("count_control_rate") else 0.01)
         if values["load_control_rate"] is None:
             # At k = 1 the load controller trained worse models than the balance term
             # (docs/ROUTER_COMPARISON.md, step 6).
             values["load_control_rate"] = 3e-2 if renormalize else 0.0
-        load_control = (self.load_control_rate if self.load_control_rate is not None
-                        else values["load_control_rate"])
         if values["balance_weight"] is None:
-            values["balance_weight"] = 0.0 if load_control else 0.1
+            values["balance_weight"] = 0.0 if resolved("load_control_rate") else 0.1
         for name, value in values.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -428,6 +431,11 @@ class DirMoEConfig:
     def effective_count_control_rate(self) -> float:
         """The count controller's step as applied: the paper recipes have no controller."""
         return self.count_control_rate if self.recipe == "calibrated" else 0.0
+
+    @property
+    def effective_unnormalized_weight(self) -> str:
+        """The single-weight rule as applied: the paper recipes weight by the posterior."""
+        return self.unnormalized_weight if self.recipe == "calibrated" else "posterior-mean"
 
     @property
     def effective_load_control_rate(self) -> float:
@@ -565,11 +573,9 @@ def dirmoe_config_from_args(args: argparse.Namespace,
                 given[f.name] = value
         config = DirMoEConfig(**given)
         # A flag that the chosen recipe ignores is a mistake worth stopping for.
-        ignored = {"paper": ("balance_weight", "count_weight", "slab_mean",
-                             "count_control_rate", "load_control_rate", "unnormalized_weight"),
-                   "paper-notes": ("balance_weight", "count_weight", "slab_mean",
-                                   "count_control_rate", "load_control_rate",
-                                   "unnormalized_weight"),
+        calibrated_only = ("balance_weight", "count_weight", "slab_mean", "count_control_rate",
+                           "load_control_rate", "unnormalized_weight")
+        ignored = {"paper": calibrated_only, "paper-notes": calibrated_only,
                    "calibrated": ("route_threshold", "sparsity_weight")}[config.recipe]
         for name in ignored:
             if name in given:

@@ -152,8 +152,7 @@ class DirichletRouter(Router):
             fallback_k=cfg.fallback_k,
             slab=cfg.slab,
             count_on_sample=cfg.count_on_sample,
-            unnormalized_weight=(cfg.unnormalized_weight if cfg.recipe == "calibrated"
-                                 else "posterior-mean"),
+            unnormalized_weight=cfg.effective_unnormalized_weight,
             loss_scale_kl=cfg.recon_variance * cfg.kl_weight,
             loss_scale_sparsity=cfg.recon_variance * cfg.effective_count_weight,
             with_balance=cfg.recon_variance * cfg.effective_balance_weight > 0,

@@ -101,8 +101,7 @@ def hf_config_from_megatron(model, config, dirmoe_config, iteration: int, **extr
         router_fallback_k=dirmoe_config.fallback_k,
         router_logit_heads=next(iter(router_rows)) // E,
         router_slab=dirmoe_config.slab,
-        router_unnormalized_weight=(dirmoe_config.unnormalized_weight
-                                    if dirmoe_config.recipe == "calibrated" else "posterior-mean"),
+        router_unnormalized_weight=dirmoe_config.effective_unnormalized_weight,
         tie_word_embeddings=model.share_embeddings_and_output_weights,
         architectures=["DirMoEForCausalLM"],
         auto_map=dict(AUTO_MAP),
@@ -141,7 +140,7 @@ def _fold_control_biases(state: dict) -> dict:
     for prefix in prefixes:
         biases = [state.pop(prefix + suffix).float() for suffix in _CONTROL_BIASES
                   if prefix + suffix in state]
-        route_bias = biases[0] if len(biases) == 1 else biases[0] + biases[1]
+        route_bias = sum(biases[1:], biases[0])  # c + b, as the router adds them
         bias_key = prefix + _SPIKE_BIAS
         state[bias_key] = (state[bias_key].float() + route_bias).to(state[bias_key].dtype)
     return state
@@ -150,7 +149,7 @@ def _fold_control_biases(state: dict) -> dict:
 def megatron_state_to_hf(megatron_state: dict, hf_config) -> dict[str, torch.Tensor]:
     """Map a one-rank Megatron state dict to HF tensors, validated against the HF model."""
     state = _fold_control_biases({k: v for k, v in megatron_state.items()
-                              if not k.endswith("._extra_state")})
+                                  if not k.endswith("._extra_state")})
     expected = _hf_expected_shapes(hf_config)
     hf_state = megatron_to_hf(state, layout_from_hf_config(hf_config), expected)
     missing = sorted(set(expected) - set(hf_state))

@@ -41,6 +41,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_dirmoe.config import IMPLICIT_IN_OLDER_CHECKPOINTS
+
 __all__ = [
     "CHECKPOINT_VERSION",
     "tracker_file",
@@ -227,10 +229,13 @@ def load_cpu_checkpoint(root, model, optimizer=None, scheduler=None, *, iteratio
 
 # DirMoE settings that change only speed, not what is trained: free to change on resume.
 _RESUME_NEUTRAL_FIELDS = ("torch_compile",)
-# Fields added after checkpoints were first written, with the value that older runs used.
-_IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper", "count_control_rate": 0.0,
-                                  "load_control_rate": 0.0,
-                                  "unnormalized_weight": "posterior-mean"}
+# Fields added after checkpoints were first written, with the value that older runs used (as
+# `config.IMPLICIT_IN_OLDER_CHECKPOINTS` has them; "paper" is the recipe's name in those runs).
+_IMPLICIT_IN_OLDER_CHECKPOINTS = {
+    "recipe": "paper",
+    **{name: IMPLICIT_IN_OLDER_CHECKPOINTS[name]
+       for name in ("count_control_rate", "load_control_rate", "unnormalized_weight")},
+}
 # Routing controllers and the buffer that holds their state in the checkpoint.
 _CONTROLLER_BUFFERS = {"count_control_rate": "count_bias", "load_control_rate": "load_bias"}
 
