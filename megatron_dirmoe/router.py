@@ -42,6 +42,7 @@ from megatron_dirmoe.routing import (
 from megatron_dirmoe.schedules import prior_scale_at, temperature_at
 
 _WARNED_UNSTEPPED_CONTROL = False  # warn once per process
+_WARNED_AUX_WITH_GATES = False  # warn once per process, not once per layer
 
 __all__ = ["DirichletRouter", "set_router_iteration", "update_count_control",
            "iter_dirichlet_routers", "METRIC_NAMES",
@@ -130,6 +131,20 @@ class DirichletRouter(Router):
             if TopKRouter.get_aux_loss_coeff(self, kind) > 0:
                 raise ValueError(f"--moe-router-load-balancing-type {kind} is not supported by "
                                  "DirichletRouter; use aux_loss")
+        global _WARNED_AUX_WITH_GATES
+        if (self.aux_loss_coeff > 0 and self.dirmoe_config.routing_rule == "gate"
+                and self.dirmoe_config.renormalize and not _WARNED_AUX_WITH_GATES):
+            # Measured (docs/ROUTER_COMPARISON.md, "Tried and dropped"): the Switch loss keeps
+            # the gate logits under their threshold, every token of a layer falls back to its
+            # top k, the routed count is then exactly k and the count controller never moves.
+            _WARNED_AUX_WITH_GATES = True
+            warnings.warn(
+                "--moe-router-load-balancing-type aux_loss next to DirMoE's gate routing (the "
+                "default recipe at k >= 2) can stop the gates from routing: in the cpu-fine-shared "
+                "comparison three of four layers sent every token to the top-k fallback "
+                "(dirmoe/fallback_frac 1.0), i.e. routed as a TopK router. The recipe balances "
+                "load with --dirmoe-load-control-rate; if you keep the aux loss, watch "
+                "dirmoe/fallback_frac", stacklevel=2)
         if config.moe_router_enable_expert_bias:
             # DirMoE has its own expert bias, stepped with the count controller in one
             # all-reduce; Megatron's would move a second bias on the same decision.

@@ -119,7 +119,8 @@ TRAINING_FLAGS: dict[str, str] = {
 # "refused: ..." (then it is in REFUSALS).
 ROUTER_FLAGS: dict[str, str] = {
     "moe_router_topk": "honoured: set to DirMoE's max_active, the per-token cap (layout check)",
-    "moe_aux_loss_coeff": "honoured: Switch aux loss on pi/sum(pi) with aux_loss",
+    "moe_aux_loss_coeff": "honoured: Switch aux loss on pi/sum(pi) with aux_loss (a warning at "
+                          "k >= 2 of the default recipe, where it can leave the gates unused)",
     "moe_router_load_balancing_type": "honoured: aux_loss or none; others refused",
     "moe_z_loss_coeff": "honoured: z-loss on the spike logits",
     "moe_router_dtype": "honoured: router math is fp32 (fp64 refused)",
@@ -127,7 +128,7 @@ ROUTER_FLAGS: dict[str, str] = {
     "moe_pad_expert_input_to_capacity": "refused: needs Megatron's capacity factor (layout check)",
     "moe_token_drop_policy": "inert: applies with --moe-expert-capacity-factor only (refused); "
                              "DirMoE's capacity drops the lowest probability",
-    "moe_router_enable_expert_bias": "refused: the spike bias replaces it",
+    "moe_router_enable_expert_bias": "refused: DirMoE's own is --dirmoe-load-control-rate",
     "moe_router_bias_update_rate": "inert: applies with --moe-router-enable-expert-bias only",
     "moe_router_score_function": "refused: DirMoE's scores are its spike/slab weights",
     "moe_router_pre_softmax": "refused: TopK softmax order",
@@ -220,13 +221,13 @@ REFUSALS: tuple[Refusal, ...] = (
                                             for t in _balancing_types(a)),
             "DirichletRouter takes aux_loss or none (seq_aux_loss, global_aux_loss, sinkhorn "
             "and quantile_balancing are TopK-specific); the calibrated recipe balances load "
-            "itself (--dirmoe-balance-weight)"),
+            "itself (--dirmoe-load-control-rate for k >= 2, --dirmoe-balance-weight at k = 1)"),
     Refusal("moe_router_dtype",
             lambda a: _dirichlet(a) and getattr(a, "moe_router_dtype", None) == "fp64",
             "DirMoE's router math is fp32; use --moe-router-dtype fp32 or leave it unset"),
     Refusal("moe_router_enable_expert_bias", _set("moe_router_enable_expert_bias", when=_dirichlet),
-            "the spike bias replaces TopK's expert bias; use --moe-router-load-balancing-type "
-            "aux_loss (or the calibrated recipe's balance term)"),
+            "DirMoE has its own per-expert bias on the routing decision: "
+            "--dirmoe-load-control-rate (on by default for k >= 2)"),
     *(Refusal(dest, _set(dest, default, when=_dirichlet),
               f"{ROUTER_FLAGS[dest].split(': ', 1)[1]}: a TopKRouter setting that DirMoE routing "
               "does not have (it applies with --dirmoe-router topk)")

@@ -291,6 +291,29 @@ def test_aux_loss_is_switch_loss_on_normalised_gate_probabilities(router_factory
     get_moe_metrics_tracker().clear()
 
 
+def test_aux_loss_next_to_gate_routing_warns_once(router_factory, monkeypatch):
+    """At k >= 2 of the default recipe the aux loss was measured to leave layers on the top-k
+    fallback: building such a router says so, once per process (not once per layer); k = 1 and
+    routers without the aux loss stay quiet."""
+    import warnings
+
+    import megatron_dirmoe.router as router_module
+
+    aux = {"moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": 1e-2}
+    monkeypatch.setattr(router_module, "_WARNED_AUX_WITH_GATES", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        router_factory(target_k=2)
+        router_factory(aux, target_k=1)
+    assert not [w for w in caught if "fallback_frac" in str(w.message)]
+    with pytest.warns(UserWarning, match="--dirmoe-load-control-rate.*fallback_frac"):
+        router_factory(aux, target_k=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        router_factory(aux, target_k=2)
+    assert not [w for w in caught if "fallback_frac" in str(w.message)]
+
+
 @pytest.mark.parametrize("overrides, match", [
     ({"moe_router_enable_expert_bias": True, "moe_router_score_function": "sigmoid"},
      "--moe-router-enable-expert-bias"),
