@@ -291,13 +291,12 @@ def route(
                            else centred_TE + (spike_bias_E.float() + route_bias))
             routing_map_TE, fallback_T, capped_T = _active_set(decision_TE, 0.0, max_active,
                                                                fallback_k)
-        if renormalize:
-            probs_TE = theta_TE * routing_map_TE
-            probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
-        elif sigmoid_weight:
+        if sigmoid_weight:
             probs_TE = torch.sigmoid(centred_TE) * routing_map_TE
         else:
             probs_TE = theta_TE * routing_map_TE
+            if renormalize:
+                probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
         if slab == "head":
             # The weights do not depend on the gates here, so the gates learn from the LM loss
             # through a straight-through gate: 1 on the active set in the forward, dz/dl in the

@@ -291,7 +291,7 @@ def check_resume_config(saved_args, args, where) -> None:
 
 def _controller_on(config: dict, name: str) -> bool:
     rate = config.get(name, _IMPLICIT_IN_OLDER_CHECKPOINTS[name])
-    return config.get("recipe", "paper") == "calibrated" and bool(rate) and rate > 0
+    return config.get("recipe", "paper") == "calibrated" and (rate or 0.0) > 0
 
 
 def _check_controller_state(saved: dict, current: dict, where) -> None:
