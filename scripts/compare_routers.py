@@ -410,6 +410,80 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Metrics of the paired comparison: (record key or OOD column, title, format, better).
+_PAIRED_METRICS = (
+    ("heldout_loss", "held-out loss", "{:+.3f}", "lower"),
+    ("ood_effective_experts", "OOD eff. experts", "{:+.2f}", "higher"),
+)
+
+
+def _record_metric(record: dict, key: str) -> Optional[float]:
+    if key == "ood_effective_experts":
+        return _layer_mean(record, "effective_experts", "ood")
+    return record.get(key)
+
+
+def paired_differences(records: list[dict]) -> list[dict]:
+    """Each DirMoE router against each TopK router of the same k, seed by seed.
+
+    Runs of one seed share the initialisation and the data order, so the difference of a
+    metric within a seed removes most of the seed-to-seed spread that the table's means carry:
+    the standard error of the mean difference, sd(d) / sqrt(n), is what says whether a gap of a
+    few hundredths is more than the seeds. Only seeds that both routers ran are paired.
+    """
+    by_router: dict[str, dict[int, dict]] = {}
+    for record in records:
+        by_router.setdefault(record["router"], {})[record["seed"]] = record
+    first = {name: next(iter(recs.values())) for name, recs in by_router.items()}
+    pairs = []
+    for name, recs in by_router.items():
+        if not first[name]["dirmoe"]:
+            continue
+        for other, other_recs in by_router.items():
+            if first[other]["dirmoe"] or first[other]["target_k"] != first[name]["target_k"]:
+                continue
+            seeds = sorted(set(recs) & set(other_recs))
+            if not seeds:
+                continue
+            pair = {"router": name, "label": first[name]["label"], "baseline": other,
+                    "baseline_label": first[other]["label"], "seeds": seeds}
+            for key, *_ in _PAIRED_METRICS:
+                diffs = [None if _record_metric(recs[s], key) is None
+                         or _record_metric(other_recs[s], key) is None
+                         else _record_metric(recs[s], key) - _record_metric(other_recs[s], key)
+                         for s in seeds]
+                diffs = [d for d in diffs if d is not None]
+                mean, std = _mean_std(diffs)
+                pair[key] = {"per_seed": diffs, "mean": mean,
+                             "se": std / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")}
+            pairs.append(pair)
+    return pairs
+
+
+def paired_table(pairs: list[dict]) -> str:
+    """Markdown table of `paired_differences`: mean difference ± standard error, per seed."""
+    if not pairs:
+        return ""
+    head = "| DirMoE router | minus | seeds | " + " | ".join(
+        f"{title} ({better} is better for DirMoE)" for _, title, _, better in _PAIRED_METRICS
+    ) + " |"
+    lines = [head, "|" + "---|" * (len(_PAIRED_METRICS) + 3)]
+    for pair in pairs:
+        cells = []
+        for key, _, fmt, _ in _PAIRED_METRICS:
+            stat = pair[key]
+            if not stat["per_seed"]:
+                cells.append("–")
+                continue
+            text = fmt.format(stat["mean"])
+            if not math.isnan(stat["se"]):
+                text += " ± " + fmt.format(stat["se"]).lstrip("+")
+            cells.append(text + " (" + " / ".join(fmt.format(d) for d in stat["per_seed"]) + ")")
+        lines.append(f"| {pair['label']} | {pair['baseline_label']} | {len(pair['seeds'])} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- pictures
 def _smooth(values: list[float], alpha: float = 0.05) -> list[float]:
     out, acc = [], None
@@ -546,6 +620,8 @@ def render(out: Path, work_root: Path, preset_name: str, command: str) -> str:
     device = _device_name(records[0]["device"])
     seeds = sorted({r["seed"] for r in records})
     table = markdown_table(rows)
+    pairs = paired_differences(records)
+    paired = paired_table(pairs)
     setup = preset.description if preset else preset_name
     iters = sorted({r["train_iters"] for r in records if r.get("train_iters")})
     if iters and not all(f"{n} steps" in setup for n in iters):
@@ -570,13 +646,19 @@ def render(out: Path, work_root: Path, preset_name: str, command: str) -> str:
         "",
         table,
         "",
+        *(["Paired by seed (same initialisation and data order): DirMoE minus each TopK "
+           "router of the same k, mean ± standard error of the per-seed differences, then the "
+           "differences per seed.", "", paired, ""] if paired else []),
         *[f"![{f}]({f})" for f in files],
         "",
     ])
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "command": command,
-                                                  "device": device}, indent=1))
+    (out / "results.json").write_text(json.dumps({"rows": rows, "paired": pairs,
+                                                  "command": command, "device": device},
+                                                 indent=1))
     print(table, flush=True)
+    if paired:
+        print(paired, flush=True)
     print(f"[compare] wrote {out / 'results.md'} and {', '.join(files)}", flush=True)
     return text
 

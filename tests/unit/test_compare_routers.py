@@ -53,6 +53,27 @@ def test_summary_means_spread_and_error_against_k(compare):
     assert "| t1 | 1 |" in table and "–" in table
 
 
+def test_paired_differences_pair_seeds_of_the_same_k(compare):
+    records = [_record("d2", 1, 2, 2.0, 5.00), _record("d2", 2, 2, 2.0, 5.30),
+               _record("d2", 3, 2, 2.0, 5.10),
+               _record("t2", 1, 2, 2.0, 5.10, dirmoe=False),
+               _record("t2", 2, 2, 2.0, 5.20, dirmoe=False),  # seed 3 missing: not paired
+               _record("t1", 1, 1, 1.0, 4.00, dirmoe=False)]  # another k: never paired
+    for record, ood in zip(records, (6.0, 6.5, 7.0, 5.0, 6.0, 1.0)):
+        record["ood"] = {"layers": [{"effective_experts": ood}]}
+    (pair,) = compare.paired_differences(records)
+    assert (pair["router"], pair["baseline"], pair["seeds"]) == ("d2", "t2", [1, 2])
+    loss = pair["heldout_loss"]
+    assert loss["per_seed"] == pytest.approx([-0.10, 0.10])
+    assert loss["mean"] == pytest.approx(0.0)
+    # sd of (-0.1, 0.1) is sqrt(0.02); the standard error divides it by sqrt(2 seeds).
+    assert loss["se"] == pytest.approx(0.1)
+    ood = pair["ood_effective_experts"]
+    assert ood["per_seed"] == pytest.approx([1.0, 0.5]) and ood["mean"] == pytest.approx(0.75)
+    table = compare.paired_table([pair])
+    assert "| d2 | t2 | 2 | +0.000 ± 0.100 (-0.100 / +0.100) | +0.75 ± 0.25 (+1.00 / +0.50) |" in table
+
+
 def test_router_flags_use_the_one_entry_point(compare):
     from megatron_dirmoe.training.arguments import parse_pretrain_args
 
