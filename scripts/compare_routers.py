@@ -423,6 +423,21 @@ def _record_metric(record: dict, key: str) -> Optional[float]:
     return record.get(key)
 
 
+def paired_stats(recs: dict[int, dict], other_recs: dict[int, dict]) -> dict:
+    """Per-seed differences `recs - other_recs` (records keyed by seed) of `_PAIRED_METRICS`
+    over the seeds both hold: {"seeds", metric: {"per_seed", "mean", "se"}}."""
+    seeds = sorted(set(recs) & set(other_recs))
+    stats = {"seeds": seeds}
+    for key, *_ in _PAIRED_METRICS:
+        values = [(_record_metric(recs[s], key), _record_metric(other_recs[s], key))
+                  for s in seeds]
+        diffs = [a - b for a, b in values if a is not None and b is not None]
+        mean, std = _mean_std(diffs)
+        stats[key] = {"per_seed": diffs, "mean": mean,
+                      "se": std / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")}
+    return stats
+
+
 def paired_differences(records: list[dict]) -> list[dict]:
     """Each DirMoE router against each TopK router of the same k, seed by seed.
 
@@ -437,26 +452,14 @@ def paired_differences(records: list[dict]) -> list[dict]:
     first = {name: next(iter(recs.values())) for name, recs in by_router.items()}
     pairs = []
     for name, recs in by_router.items():
-        if not first[name]["dirmoe"]:
-            continue
         for other, other_recs in by_router.items():
-            if first[other]["dirmoe"] or first[other]["target_k"] != first[name]["target_k"]:
+            if (not first[name]["dirmoe"] or first[other]["dirmoe"]
+                    or first[other]["target_k"] != first[name]["target_k"]):
                 continue
-            seeds = sorted(set(recs) & set(other_recs))
-            if not seeds:
-                continue
-            pair = {"router": name, "label": first[name]["label"], "baseline": other,
-                    "baseline_label": first[other]["label"], "seeds": seeds}
-            for key, *_ in _PAIRED_METRICS:
-                diffs = [None if _record_metric(recs[s], key) is None
-                         or _record_metric(other_recs[s], key) is None
-                         else _record_metric(recs[s], key) - _record_metric(other_recs[s], key)
-                         for s in seeds]
-                diffs = [d for d in diffs if d is not None]
-                mean, std = _mean_std(diffs)
-                pair[key] = {"per_seed": diffs, "mean": mean,
-                             "se": std / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")}
-            pairs.append(pair)
+            stats = paired_stats(recs, other_recs)
+            if stats["seeds"]:
+                pairs.append({"router": name, "label": first[name]["label"], "baseline": other,
+                              "baseline_label": first[other]["label"], **stats})
     return pairs
 
 
