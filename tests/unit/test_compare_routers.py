@@ -135,3 +135,25 @@ def test_diagnose_router_drift_prints_one_row_per_moe_layer(tmp_path):
     for row in rows:
         mean_norm, token_norm = float(row.split()[1]), float(row.split()[2])
         assert 0 <= mean_norm <= token_norm  # |mean h| <= mean |h| (triangle inequality)
+
+
+def test_paired_seeds_pairs_two_work_folders(tmp_path, capsys):
+    """scripts/paired_seeds.py: a probe's runs minus the reference's, on the common seeds."""
+    spec = importlib.util.spec_from_file_location("paired_seeds", SCRIPT.parent / "paired_seeds.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    for work, losses in (("probe", (5.00, 5.30, 5.10)), ("ref", (5.10, 5.20))):
+        (tmp_path / work / "records").mkdir(parents=True)
+        for seed, loss in enumerate(losses, start=1):
+            record = _record("d2", seed, 2, 2.0, loss)
+            record["ood"] = {"layers": [{"effective_experts": 6.0}] * 2}
+            path = tmp_path / work / "records" / f"d2_seed{seed}.json"
+            path.write_text(json.dumps(record))
+    stats = paired.main([f"{tmp_path / 'probe'}:d2", f"{tmp_path / 'ref'}:d2"])
+    assert stats["seeds"] == [1, 2]
+    assert stats["heldout_loss"]["per_seed"] == pytest.approx([-0.10, 0.10])
+    assert "held-out loss (lower is better): +0.000 ± 0.100" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no records"):
+        paired.main([f"{tmp_path / 'probe'}:d3", f"{tmp_path / 'ref'}:d2"])
+    with pytest.raises(SystemExit, match="not WORK:ROUTER"):
+        paired.main(["probe", f"{tmp_path / 'ref'}:d2"])

@@ -1,0 +1,81 @@
+"""Pair two sets of `compare_routers.py` runs seed by seed, e.g. a probe against the default.
+
+`compare_routers.py` pairs DirMoE with TopK inside one comparison. A probe (the same router with
+other flags after `--`) lands in its own `--work` directory under the same router name; this
+pairs it with the reference runs of the same seeds and prints the mean difference ± standard
+error of held-out loss and OOD effective experts, the per-seed values, and each side's
+effective experts per MoE layer (mean over seeds, held-out and OOD):
+
+    python scripts/paired_seeds.py runs/compare/probe:dirmoe-k4 runs/compare/default:dirmoe-k4
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+_SCRIPT = Path(__file__).resolve().parent / "compare_routers.py"
+
+
+def _compare_module():
+    spec = importlib.util.spec_from_file_location("compare_routers", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_runs(spec: str) -> dict[int, dict]:
+    """Records of `WORK:ROUTER` keyed by seed (`WORK/records/ROUTER_seed*.json`)."""
+    work, sep, router = spec.rpartition(":")
+    if not sep or not work or not router:
+        raise SystemExit(f"paired_seeds: {spec!r} is not WORK:ROUTER "
+                         "(e.g. runs/compare/cpu-fine:dirmoe-k4)")
+    paths = sorted((Path(work) / "records").glob(f"{router}_seed*.json"))
+    if not paths:
+        raise SystemExit(f"paired_seeds: no records {Path(work) / 'records' / router}_seed*.json")
+    records = [json.loads(path.read_text()) for path in paths]
+    return {record["seed"]: record for record in records}
+
+
+def layer_means(runs: dict[int, dict], part: str) -> list[float]:
+    """Effective experts per MoE layer, mean over seeds ('layers' held-out, 'ood')."""
+    per_seed = [(r["layers"] if part == "layers" else r["ood"]["layers"]) for r in runs.values()]
+    return [sum(layers[i]["effective_experts"] for layers in per_seed) / len(per_seed)
+            for i in range(len(per_seed[0]))]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", help="WORK:ROUTER of the runs to measure")
+    parser.add_argument("reference", help="WORK:ROUTER of the runs to subtract")
+    opts = parser.parse_args(argv)
+    compare = _compare_module()
+    runs, reference = load_runs(opts.runs), load_runs(opts.reference)
+    stats = compare.paired_stats(runs, reference)
+    if not stats["seeds"]:
+        raise SystemExit("paired_seeds: the two sets share no seed")
+    print(f"{opts.runs} minus {opts.reference}, seeds {stats['seeds']}")
+    for key, title, fmt, better in compare._PAIRED_METRICS:
+        stat = stats[key]
+        if not stat["per_seed"]:
+            continue
+        print(f"  {title} ({better} is better): {fmt.format(stat['mean'])} ± "
+              f"{fmt.format(stat['se']).lstrip('+')}  per seed "
+              + " / ".join(fmt.format(d) for d in stat["per_seed"]))
+    for spec, side in ((opts.runs, runs), (opts.reference, reference)):
+        seeds = [side[s] for s in stats["seeds"]]
+        common = {s: side[s] for s in stats["seeds"]}
+        loss = sum(r["heldout_loss"] for r in seeds) / len(seeds)
+        print(f"  {spec}: held-out loss {loss:.3f}; effective experts per layer "
+              + " / ".join(f"{v:.2f}" for v in layer_means(common, "layers"))
+              + (", OOD " + " / ".join(f"{v:.2f}" for v in layer_means(common, "ood"))
+                 if all(r.get("ood") for r in seeds) else ""))
+    return stats
+
+
+if __name__ == "__main__":
+    main()
