@@ -17,8 +17,12 @@ the token's id. `summarize_layer` turns that into the numbers the router compari
   every token). Token-independent routing scores 0;
 - **routing entropy**: mean entropy (bits) of a token's routing probabilities.
 
-Pure torch apart from `record_routing`, which only needs the model's routers to be Megatron
-`Router` modules (forward returns ``(probs, routing_map)`` with tokens in [s, b] order).
+`TrainingLoad` follows the load while a model trains: the effective experts of every MoE layer
+per optimizer step, for any router (Megatron logs no load for its own routers).
+
+Pure torch apart from `record_routing` and `TrainingLoad`, which only need the model's routers
+to be Megatron `Router` modules (forward returns ``(probs, routing_map)`` with tokens in [s, b]
+order).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import torch
 
 __all__ = [
     "LayerRouting",
+    "TrainingLoad",
+    "effective_experts",
     "record_routing",
     "token_classes",
     "mutual_information_bits",
@@ -98,6 +104,55 @@ def record_routing(model, batches: Iterable[dict]) -> tuple[list[LayerRouting], 
                                f"{ids_T.shape[0]} input tokens")
         layers.append(LayerRouting(layer, rmap, torch.cat(probs[layer]), ids_T))
     return layers, (loss_sum / loss_count if loss_count else None)
+
+
+def effective_experts(load_E: torch.Tensor) -> float:
+    """1 / Simpson index of a load vector: E when balanced, 1 when one expert takes all (nan
+    for no load)."""
+    load_E = load_E.double()
+    total = load_E.sum()
+    if total <= 0:
+        return float("nan")
+    return float(total * total / (load_E * load_E).sum())
+
+
+class TrainingLoad:
+    """Routed (token, expert) pairs per expert of every MoE layer in `model`'s training
+    forwards, for any Megatron router: `pop()` after each optimizer step returns each layer's
+    effective experts (`effective_experts`) over that step's micro-batches and starts again.
+
+    Only forwards that build a graph count, as Megatron guards its routers' statistics: an
+    evaluation pass or the no-grad first pass of activation recompute would count twice. The
+    routing map covers every token the router saw (padding included). Call `remove()` to drop
+    the hooks."""
+
+    def __init__(self, model) -> None:
+        from megatron.core.transformer.moe.router import Router
+
+        self._loads: dict[int, torch.Tensor] = {}
+        self._handles = [module.register_forward_hook(self._hook)
+                         for module in model.modules() if isinstance(module, Router)]
+        if not self._handles:
+            raise ValueError("the model has no MoE router to follow")
+
+    def _hook(self, module, _inputs, output) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        load_E = output[1].detach().sum(dim=0, dtype=torch.float32)
+        previous = self._loads.get(module.layer_number)
+        self._loads[module.layer_number] = load_E if previous is None else previous + load_E
+
+    def pop(self) -> list[float]:
+        """Effective experts per MoE layer (layer order) since the last call; [] if no
+        training forward ran."""
+        values = [effective_experts(self._loads[layer].cpu()) for layer in sorted(self._loads)]
+        self._loads.clear()
+        return values
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def token_classes(token_ids_T: torch.Tensor, num_classes: int = 65) -> torch.Tensor:

@@ -10,8 +10,9 @@ run and no setting here ever looked at) with `megatron_dirmoe.routing_analysis`.
     python scripts/compare_routers.py --preset cpu-small     # 2 CPU cores, < 20 min
     python scripts/compare_routers.py --preset gpu-small     # one GPU (not run yet)
 
-Writes ``<out>/results.md`` (the table), ``results.json`` and four PNGs (loss curves, active
-experts over training, tau_z / lambda_p, per-layer expert load); ``<out>`` defaults to
+Writes ``<out>/results.md`` (the table), ``results.json`` and five PNGs (loss curves, active
+experts over training, tau_z / lambda_p, per-layer expert load, every router's effective experts
+over training); ``<out>`` defaults to
 ``docs/router_comparison/<preset>``. Each run's record and log are kept in
 ``runs/compare/<preset>/records/`` (``--work``) and reused when the script is rerun, so an
 interrupted comparison resumes with the runs it has not finished (delete a record to retrain
@@ -171,7 +172,7 @@ def run_worker(record_path: Path, device: str, heldout_sequences: int, argv: lis
     unset_global_variables()
     set_global_variables(args)
     t0 = time.time()
-    result = train_on_cpu(args, device=device)
+    result = train_on_cpu(args, device=device, follow_load=True)
     train_seconds = time.time() - t0
 
     # Settings are chosen on the validation split; the test split is for the final table only.
@@ -602,7 +603,40 @@ def plot_all(records: list[dict], rows: list[dict], out: Path) -> list[str]:
     fig.savefig(out / "expert_load.png", dpi=120)
     plt.close(fig)
     files.append("expert_load.png")
+
+    # 5. Effective experts over training, every router (records from before the load was
+    #    followed for every router have none: then the picture is left out).
+    followed = [name for name in order
+                if all(training_effective_experts(r) for r in records if r["router"] == name)]
+    if followed:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for name in followed:
+            curves = [training_effective_experts(r) for r in records if r["router"] == name]
+            n = min(len(c) for c in curves)
+            mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+            ax.plot(range(1, n + 1), _smooth(mean, 0.2), color=colors[name], label=labels[name])
+        num_experts = len(first[followed[0]]["layers"][0]["load_fraction"])
+        ax.axhline(num_experts, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("effective experts (1 / Simpson of the routed load)")
+        ax.set_ylim(0, num_experts * 1.05)
+        ax.set_title("Expert load over training (mean over MoE layers and seeds; dashed: E)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "load_over_training.png", dpi=120)
+        plt.close(fig)
+        files.append("load_over_training.png")
     return files
+
+
+def training_effective_experts(record: dict) -> list[float]:
+    """Effective experts per training step, mean over MoE layers, from a run's history:
+    every router's routed load (`router/effective_experts`) or, in DirMoE records from before
+    that was followed, the DirMoE metrics' own; [] when the history has neither."""
+    for key in ("router/effective_experts", "dirmoe/effective_experts"):
+        if record["history"] and all(row.get(key) for row in record["history"]):
+            return [sum(row[key]) / len(row[key]) for row in record["history"]]
+    return []
 
 
 def render(out: Path, work_root: Path, preset_name: str, command: str) -> str:

@@ -7,6 +7,10 @@ error of held-out loss and OOD effective experts, the per-seed values, and each 
 effective experts per MoE layer (mean over seeds, held-out and OOD):
 
     python scripts/paired_seeds.py runs/compare/probe:dirmoe-k4 runs/compare/default:dirmoe-k4
+
+`--windows N` adds where in training a gap opens: the paired difference of the training loss
+over N equal windows of steps, and each side's effective experts over training (mean over
+seeds, layers and the window's steps). Both sides may be any router, DirMoE or TopK.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
+from typing import Optional
 
 _SCRIPT = Path(__file__).resolve().parent / "compare_routers.py"
 
@@ -48,10 +54,47 @@ def layer_means(runs: dict[int, dict], part: str) -> list[float]:
             for i in range(len(per_seed[0]))]
 
 
+def window_gaps(runs: dict[int, dict], reference: dict[int, dict], seeds: list[int],
+                windows: int, effective) -> list[dict]:
+    """Per window of training steps: the paired training-loss difference (mean, standard error
+    over `seeds`) and each side's mean effective experts (`effective(record)` per step; None
+    where a side's history has none)."""
+    steps = min(len(side[s].get("history") or []) for side in (runs, reference) for s in seeds)
+    if not steps:
+        raise SystemExit("paired_seeds: --windows needs the runs' training history; these "
+                         "records hold none")
+    if windows < 1 or windows > steps:
+        raise SystemExit(f"paired_seeds: --windows must be in 1..{steps} (the steps both sides "
+                         "trained)")
+    rows = []
+    for w in range(windows):
+        lo, hi = w * steps // windows, (w + 1) * steps // windows
+
+        def loss(record: dict) -> float:
+            return sum(h["loss"] for h in record["history"][lo:hi]) / (hi - lo)
+
+        def eff(side: dict[int, dict]) -> Optional[float]:
+            curves = [effective(side[s]) for s in seeds]
+            if not all(curves):
+                return None
+            return sum(sum(c[lo:hi]) / (hi - lo) for c in curves) / len(curves)
+
+        diffs = [loss(runs[s]) - loss(reference[s]) for s in seeds]
+        mean = sum(diffs) / len(diffs)
+        se = (math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+              if len(diffs) > 1 else float("nan"))
+        rows.append({"steps": (lo + 1, hi), "loss_gap": mean, "se": se,
+                     "effective": eff(runs), "reference_effective": eff(reference)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", help="WORK:ROUTER of the runs to measure")
     parser.add_argument("reference", help="WORK:ROUTER of the runs to subtract")
+    parser.add_argument("--windows", type=int, default=0,
+                        help="also the training-loss gap and effective experts over N windows "
+                             "of steps")
     opts = parser.parse_args(argv)
     compare = _compare_module()
     runs, reference = load_runs(opts.runs), load_runs(opts.reference)
@@ -74,6 +117,17 @@ def main(argv: list[str] | None = None) -> dict:
               + " / ".join(f"{v:.2f}" for v in layer_means(common, "layers"))
               + (", OOD " + " / ".join(f"{v:.2f}" for v in layer_means(common, "ood"))
                  if all(r.get("ood") for r in seeds) else ""))
+    if opts.windows:
+        print("  training loss gap by window of steps (mean ± standard error), effective "
+              "experts of each side")
+        rows = window_gaps(runs, reference, stats["seeds"], opts.windows,
+                           compare.training_effective_experts)
+        for row in rows:
+            effs = " / ".join("n/a" if v is None else f"{v:.1f}"
+                              for v in (row["effective"], row["reference_effective"]))
+            print(f"    steps {row['steps'][0]}-{row['steps'][1]}: {row['loss_gap']:+.4f} ± "
+                  f"{row['se']:.4f}; effective experts {effs}")
+        stats["windows"] = rows
     return stats
 
 

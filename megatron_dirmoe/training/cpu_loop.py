@@ -173,11 +173,14 @@ def _exit_reason(args, iteration: int, t_start: float) -> Optional[str]:
     return None
 
 
-def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
+def train_on_cpu(args: argparse.Namespace, device: str = "cpu",
+                 follow_load: bool = False) -> TrainResult:
     """Train (or resume) per ``args``; returns losses, validation losses and routing.
 
     ``device="cuda"`` runs the same single-process loop on one GPU (fp32, local spec: what the
-    router comparison uses so every router trains in one identical loop)."""
+    router comparison uses so every router trains in one identical loop). ``follow_load``: every
+    history row also holds ``router/effective_experts``, the effective experts of each MoE layer
+    over that step's training tokens, for any router (`routing_analysis.TrainingLoad`)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
     from torch.distributed.checkpoint.api import CheckpointException
@@ -219,6 +222,10 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     resume = check_resume(args)
     model = build_model_from_args(args).to(device)
     model.train()
+    if follow_load:
+        from megatron_dirmoe.routing_analysis import TrainingLoad
+
+        training_load = TrainingLoad(model)
     optimizer = _adamw(model, args)
     scheduler = _scheduler(optimizer, args)
     train_ds, valid_ds, _ = build_gpt_datasets(
@@ -322,6 +329,8 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
         row.update({name: [float(v) for v in tracker.last_per_layer[name][[n - 1 for n in
                                                                            moe_layers]]]
                     for name in tracker.last_per_layer})
+        if follow_load:
+            row["router/effective_experts"] = training_load.pop()
         result.history.append(row)
         if writer is not None:
             writer.add_scalar("lm loss", step_loss, iteration)
@@ -377,6 +386,8 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu") -> TrainResult:
     result.iteration = iteration
     train_rows = routing_summary(tracker.last_per_layer, moe_layers)
     result.routing = train_rows
+    if follow_load:
+        training_load.remove()
     result.model = model
     if result.valid_losses:
         last = max(result.valid_losses)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny_config import tiny_transformer_config
 
@@ -15,10 +16,14 @@ def _model(megatron_router_config):
                            use_te=False, router=DeviceAgnosticTopKRouter)
 
 
-def _forward_backward(model):
+def _forward(model):
     tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     position_ids = torch.arange(16)[None].expand(4, -1)
-    loss = model(tokens, position_ids, None, labels=tokens).mean()
+    return model(tokens, position_ids, None, labels=tokens).mean()
+
+
+def _forward_backward(model):
+    loss = _forward(model)
     loss.backward()
     return loss
 
@@ -53,3 +58,31 @@ def test_aux_loss_free_bias_moves_against_load(megatron_single_rank):
     expected = torch.sign(load.mean() - load) * rate  # overloaded experts are pushed down
     torch.testing.assert_close(router.expert_bias, expected)
     assert (router.local_tokens_per_expert == 0).all()
+
+
+def test_training_load_follows_any_router_in_training_forwards_only(megatron_single_rank):
+    """`routing_analysis.TrainingLoad` counts what Megatron's own router routed (its bias
+    buffer counts the same tokens), per layer, and ignores evaluation and no-grad passes."""
+    from megatron_dirmoe.routing_analysis import TrainingLoad, effective_experts
+
+    config = tiny_transformer_config(moe_router_topk=2, moe_router_score_function="sigmoid",
+                                     moe_router_enable_expert_bias=True,
+                                     moe_router_load_balancing_type="none")
+    model = _model(config)
+    follow = TrainingLoad(model)
+    _forward_backward(model)
+    routers = [layer.mlp.router for layer in model.decoder.layers]
+    expected = [effective_experts(r.local_tokens_per_expert) for r in routers]
+    assert follow.pop() == pytest.approx(expected)
+    assert follow.pop() == []  # emptied by the first call
+    with torch.no_grad():  # the no-grad first pass of activation recompute
+        _forward(model)
+    model.eval()
+    _forward(model)
+    assert follow.pop() == []
+    follow.remove()
+    model.train()
+    _forward(model)
+    assert follow.pop() == []
+    with pytest.raises(ValueError, match="no MoE router"):
+        TrainingLoad(torch.nn.Linear(2, 2))

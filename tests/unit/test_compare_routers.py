@@ -86,14 +86,14 @@ def test_router_flags_use_the_one_entry_point(compare):
 
 
 def test_short_comparison_end_to_end(compare, tmp_path):
-    """Two routers, 3 steps each: records, table and all four pictures are written."""
+    """Two routers, 3 steps each: records, table and all five pictures are written."""
     out, work = tmp_path / "out", tmp_path / "work"
     compare.main(["--out", str(out), "--work", str(work), "--routers", "dirmoe-k2",
                   "softmax-top1", "--seeds", "7", "--jobs", "2", "--",
                   "--train-iters", "3", "--eval-interval", "3", "--eval-iters", "1",
                   "--log-interval", "1"])
     for name in ("results.md", "results.json", "loss_curves.png", "active_experts.png",
-                 "schedules.png", "expert_load.png"):
+                 "schedules.png", "expert_load.png", "load_over_training.png"):
         assert (out / name).stat().st_size > 0, name
     rows = {r["router"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert set(rows) == {"dirmoe-k2", "softmax-top1"}
@@ -108,6 +108,12 @@ def test_short_comparison_end_to_end(compare, tmp_path):
     record = json.loads((work / "records" / "dirmoe-k2_seed7.json").read_text())
     assert [h["iteration"] for h in record["history"]] == [1, 2, 3]
     assert len(record["history"][0]["dirmoe/active_experts"]) == 4  # one value per MoE layer
+    # Every router's load is followed in training; DirMoE's own metrics count the same tokens.
+    topk = json.loads((work / "records" / "softmax-top1_seed7.json").read_text())
+    assert all(len(h["router/effective_experts"]) == 4 for h in topk["history"])
+    for row in record["history"]:
+        assert row["router/effective_experts"] == pytest.approx(row["dirmoe/effective_experts"],
+                                                                rel=1e-4)
     assert record["heldout_tokens"] == 256 * 128
     # The header says how many steps ran when flags after `--` override the preset's 300.
     assert "steps trained: 3 (flags after `--`)" in (out / "results.md").read_text()
@@ -155,5 +161,37 @@ def test_paired_seeds_pairs_two_work_folders(tmp_path, capsys):
     assert "held-out loss (lower is better): +0.000 ± 0.100" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no records"):
         paired.main([f"{tmp_path / 'probe'}:d3", f"{tmp_path / 'ref'}:d2"])
+    with pytest.raises(SystemExit, match="--windows"):  # the records above hold no history
+        paired.main([f"{tmp_path / 'probe'}:d2", f"{tmp_path / 'ref'}:d2", "--windows", "2"])
     with pytest.raises(SystemExit, match="not WORK:ROUTER"):
         paired.main(["probe", f"{tmp_path / 'ref'}:d2"])
+
+
+def test_paired_seeds_windows_locate_the_training_gap(tmp_path, capsys, compare):
+    """--windows: the paired training-loss gap per window of steps and each side's effective
+    experts over training, from every router's followed load or DirMoE's own metrics."""
+    spec = importlib.util.spec_from_file_location("paired_seeds", SCRIPT.parent / "paired_seeds.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    # Probe: loss 1.0 above the reference in steps 3-4 on seed 1 and 3.0 above on seed 2.
+    for work, key, offsets in (("probe", "dirmoe/effective_experts", (1.0, 3.0)),
+                               ("ref", "router/effective_experts", (0.0, 0.0))):
+        (tmp_path / work / "records").mkdir(parents=True)
+        for seed, offset in enumerate(offsets, start=1):
+            history = [{"iteration": i + 1, "loss": 5.0 + (offset if i >= 2 else 0.0),
+                        key: [2.0 * (i + 1), 4.0 * (i + 1)]} for i in range(4)]
+            record = dict(_record("d2", seed, 2, 2.0, 5.0), history=history)
+            (tmp_path / work / "records" / f"d2_seed{seed}.json").write_text(json.dumps(record))
+    stats = paired.main([f"{tmp_path / 'probe'}:d2", f"{tmp_path / 'ref'}:d2", "--windows", "2"])
+    first, second = stats["windows"]
+    assert first["steps"] == (1, 2) and second["steps"] == (3, 4)
+    assert first["loss_gap"] == pytest.approx(0.0) and first["se"] == pytest.approx(0.0)
+    assert second["loss_gap"] == pytest.approx(2.0)
+    assert second["se"] == pytest.approx(1.0)  # sd of (1, 3) / sqrt(2)
+    # Steps 1-2: layer means 3 and 6 -> 4.5; both sides read the same curves.
+    assert first["effective"] == first["reference_effective"] == pytest.approx(4.5)
+    assert "steps 3-4: +2.0000 ± 1.0000; effective experts 10.5 / 10.5" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--windows must be in 1..4"):
+        paired.main([f"{tmp_path / 'probe'}:d2", f"{tmp_path / 'ref'}:d2", "--windows", "5"])
+    # A history without any load column: no curve, so the picture leaves the router out.
+    assert compare.training_effective_experts({"history": [{"loss": 1.0}]}) == []

@@ -9,6 +9,7 @@ import torch
 
 from megatron_dirmoe.routing_analysis import (
     LayerRouting,
+    effective_experts,
     mutual_information_bits,
     summarize_layer,
     token_classes,
@@ -65,3 +66,11 @@ def test_token_independent_collapsed_routing():
     assert s["load_cv"] == pytest.approx(1.0)  # loads [50, 50, 0, 0]: std 25 / mean 25
     assert s["mi_bits"] == pytest.approx(0.0, abs=1e-12)
     assert s["routing_entropy_bits"] == pytest.approx(1.0)
+
+
+def test_effective_experts_is_the_inverse_simpson_index():
+    assert effective_experts(torch.tensor([3.0, 3.0, 3.0, 3.0])) == pytest.approx(4.0)
+    assert effective_experts(torch.tensor([5.0, 0.0, 0.0, 0.0])) == pytest.approx(1.0)
+    # Shares 1/2, 1/4, 1/4: 1 / (1/4 + 1/16 + 1/16) = 8/3.
+    assert effective_experts(torch.tensor([2.0, 1.0, 1.0])) == pytest.approx(8 / 3)
+    assert math.isnan(effective_experts(torch.zeros(4)))
