@@ -497,6 +497,17 @@ def _smooth(values: list[float], alpha: float = 0.05) -> list[float]:
     return out
 
 
+def _save(fig, path: Path, files: list[str], tight: bool = True) -> None:
+    """Write one picture and close it (`tight`: unless the figure lays itself out)."""
+    import matplotlib.pyplot as plt
+
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    files.append(path.name)
+
+
 def plot_all(records: list[dict], rows: list[dict], out: Path) -> list[str]:
     import matplotlib
 
@@ -528,10 +539,7 @@ def plot_all(records: list[dict], rows: list[dict], out: Path) -> list[str]:
     ax.set_ylim(min(lows) - 0.2, min(lows) + 2.0)
     ax.legend(fontsize=8)
     ax.set_title("Loss curves (mean over seeds)")
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-    plt.close(fig)
-    files.append("loss_curves.png")
+    _save(fig, out / "loss_curves.png", files)
 
     # 2. Active experts per token over training vs the target k (DirMoE; TopK is exactly k).
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -554,10 +562,7 @@ def plot_all(records: list[dict], rows: list[dict], out: Path) -> list[str]:
     ax.set_ylabel("experts per token (mean over MoE layers)")
     ax.set_title("DirMoE: active experts per token vs target k (band: +-10%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "active_experts.png", dpi=120)
-    plt.close(fig)
-    files.append("active_experts.png")
+    _save(fig, out / "active_experts.png", files)
 
     # 3. Schedules.
     dir_first = next((first[n] for n in order if first[n]["dirmoe"]), None)
@@ -571,10 +576,7 @@ def plot_all(records: list[dict], rows: list[dict], out: Path) -> list[str]:
         ax.set_xlabel("iteration")
         ax.set_title("DirMoE schedules (cosine)")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "schedules.png", dpi=120)
-        plt.close(fig)
-        files.append("schedules.png")
+        _save(fig, out / "schedules.png", files)
 
     # 4. Per-layer expert load on held-out tokens, one heatmap per router.
     cols = min(3, len(order))
@@ -600,9 +602,7 @@ def plot_all(records: list[dict], rows: list[dict], out: Path) -> list[str]:
         ax.axis("off")
     fig.colorbar(im, ax=axes, shrink=0.8, label="share of routed tokens (uniform = 1/E)")
     fig.suptitle(f"Expert load per layer on held-out tokens (seed {seeds[0]})")
-    fig.savefig(out / "expert_load.png", dpi=120)
-    plt.close(fig)
-    files.append("expert_load.png")
+    _save(fig, out / "expert_load.png", files, tight=False)
 
     # 5. Effective experts over training, every router (records from before the load was
     #    followed for every router have none: then the picture is left out).
@@ -622,10 +622,7 @@ def plot_all(records: list[dict], rows: list[dict], out: Path) -> list[str]:
         ax.set_ylim(0, num_experts * 1.05)
         ax.set_title("Expert load over training (mean over MoE layers and seeds; dashed: E)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "load_over_training.png", dpi=120)
-        plt.close(fig)
-        files.append("load_over_training.png")
+        _save(fig, out / "load_over_training.png", files)
     return files
 
 
