@@ -52,10 +52,13 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
 # a checkpoint without `recipe` trained with the notes-literal recipe (then called "paper").
 # A stored config without `count_control_rate` held its count with the count penalty alone, and
 # one without `load_control_rate` its load with the balance term alone.
-# One without `unnormalized_weight` weighted a single expert by its posterior mean share.
+# One without `unnormalized_weight` weighted a single expert by its posterior mean share; one
+# without `count_control_on` counted routed experts, and one without `aux_loss_scores` gave
+# Megatron's aux loss the gate probabilities.
 IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper-notes", "slab_mean": "head",
                                  "count_control_rate": 0.0, "load_control_rate": 0.0,
-                                 "unnormalized_weight": "posterior-mean"}
+                                 "unnormalized_weight": "posterior-mean",
+                                 "count_control_on": "routed", "aux_loss_scores": "gates"}
 # A stored config without this field predates the three-head "paper" recipe: its "paper" is
 # today's "paper-notes".
 _FIELD_OF_THREE_HEAD_RELEASE = "tau_schedule"
@@ -202,6 +205,14 @@ class DirMoEConfig:
         "pi and the balance term do not see it. 0 turns the controller off; >= 0, default 0.03",
         default=None,
     )
+    count_control_on: str = _doc(
+        "recipe 'calibrated' only: what the count controller counts. 'routed': the experts "
+        "each token was routed to, so a token on the top-k fallback counts k and c does not "
+        "move while every token rides the fallback; 'gates': the experts whose gates chose "
+        "them (l_i + c + b_i >= 0), so a fallback token counts 0 and c rises from the first "
+        "step until the gates route",
+        default="routed",
+    )
     load_control_rate: Optional[float] = _doc(
         "recipe 'calibrated' only: step of the per-expert load controller (DeepSeek-V3's "
         "auxiliary-loss-free balancing, on the routing decision). Expert i is routed where "
@@ -217,6 +228,13 @@ class DirMoEConfig:
         "load; prior first, so a gate that never fires still gets a gradient); >= 0. Default "
         "0.1 without the load controller (k = 1), 0 with it",
         default=None,
+    )
+    aux_loss_scores: str = _doc(
+        "the router probabilities that Megatron's aux loss (--moe-router-load-balancing-type "
+        "aux_loss, --moe-aux-loss-coeff) balances against the routed load: 'gates' pi / sum(pi) "
+        "or 'posterior-mean' E_q[theta] = alpha_q / sum(alpha_q), the share each expert gets "
+        "in the Dirichlet posterior (what TopK softmax's aux loss reads from a softmax router)",
+        default="gates",
     )
     unnormalized_weight: str = _doc(
         "recipe 'calibrated' only: an active expert's weight when the weights are not "
@@ -294,6 +312,10 @@ class DirMoEConfig:
             bad("slab_mean", "'gate' or 'head'")
         if self.unnormalized_weight not in ("sigmoid", "posterior-mean"):
             bad("unnormalized_weight", "'sigmoid' or 'posterior-mean'")
+        if self.count_control_on not in ("routed", "gates"):
+            bad("count_control_on", "'routed' or 'gates'")
+        if self.aux_loss_scores not in ("gates", "posterior-mean"):
+            bad("aux_loss_scores", "'gates' or 'posterior-mean'")
         if self.tau_schedule not in ("cosine", "exponential"):
             bad("tau_schedule", "'cosine' or 'exponential'")
         if self.tau_decay is not None:
@@ -574,7 +596,7 @@ def dirmoe_config_from_args(args: argparse.Namespace,
         config = DirMoEConfig(**given)
         # A flag that the chosen recipe ignores is a mistake worth stopping for.
         calibrated_only = ("balance_weight", "count_weight", "slab_mean", "count_control_rate",
-                           "load_control_rate", "unnormalized_weight")
+                           "load_control_rate", "unnormalized_weight", "count_control_on")
         ignored = {"paper": calibrated_only, "paper-notes": calibrated_only,
                    "calibrated": ("route_threshold", "sparsity_weight")}[config.recipe]
         for name in ignored:

@@ -112,6 +112,9 @@ class DirichletRouter(Router):
         else:
             self.count_bias = None
         self.count_sums = torch.zeros(2, dtype=torch.float32)
+        # `DirMoEConfig.count_control_on`: whether a fallback token counts its fallback experts.
+        self._count_gates_only = self.dirmoe_config.count_control_on == "gates"
+        self._fallback_k = self.dirmoe_config.fallback_k
         # The load controller (`DirMoEConfig.load_control_rate`): b [E], the same kind of
         # buffer, and this step's routed tokens per expert.
         self.load_control_rate = self.dirmoe_config.effective_load_control_rate
@@ -123,7 +126,8 @@ class DirichletRouter(Router):
         self._counting_since: Optional[int] = None  # iteration of the oldest unreduced count
         # Megatron's Switch-style load-balancing loss (--moe-router-load-balancing-type aux_loss
         # --moe-aux-loss-coeff c) on the normalised gate probabilities pi / sum(pi), as
-        # TopKRouter applies it to sigmoid scores, with k = target_k.
+        # TopKRouter applies it to sigmoid scores, or on the posterior mean
+        # (`DirMoEConfig.aux_loss_scores`), with k = target_k.
         self.routing_type = config.moe_router_load_balancing_type
         self.topk = self.dirmoe_config.target_k
         self.aux_loss_coeff = TopKRouter.get_aux_loss_coeff(self, "aux_loss")
@@ -133,7 +137,8 @@ class DirichletRouter(Router):
                                  "DirichletRouter; use aux_loss")
         global _WARNED_AUX_WITH_GATES
         if (self.aux_loss_coeff > 0 and self.dirmoe_config.routing_rule == "gate"
-                and self.dirmoe_config.renormalize and not _WARNED_AUX_WITH_GATES):
+                and self.dirmoe_config.renormalize and not _WARNED_AUX_WITH_GATES
+                and self.dirmoe_config.count_control_on == "routed"):
             # Measured (docs/ROUTER_COMPARISON.md, "Tried and dropped"): the Switch loss keeps
             # the gate logits under their threshold, every token of a layer falls back to its
             # top k, the routed count is then exactly k and the count controller never moves.
@@ -143,8 +148,10 @@ class DirichletRouter(Router):
                 "default recipe at k >= 2) can stop the gates from routing: in the cpu-fine-shared "
                 "comparison three of four layers sent every token to the top-k fallback "
                 "(dirmoe/fallback_frac 1.0), i.e. routed as a TopK router. The recipe balances "
-                "load with --dirmoe-load-control-rate; if you keep the aux loss, watch "
-                "dirmoe/fallback_frac", stacklevel=2)
+                "load with --dirmoe-load-control-rate; if you keep the aux loss, add "
+                "--dirmoe-count-control-on gates (the count controller then sees the fallback and "
+                "hands the tokens back to the gates) and watch dirmoe/fallback_frac",
+                stacklevel=2)
         if config.moe_router_enable_expert_bias:
             # DirMoE has its own expert bias, stepped with the count controller in one
             # all-reduce; Megatron's would move a second bias on the same decision.
@@ -171,6 +178,7 @@ class DirichletRouter(Router):
             loss_scale_kl=cfg.recon_variance * cfg.kl_weight,
             loss_scale_sparsity=cfg.recon_variance * cfg.effective_count_weight,
             with_balance=cfg.recon_variance * cfg.effective_balance_weight > 0,
+            aux_scores=cfg.aux_loss_scores,
         )
         self.balance_scale = cfg.recon_variance * cfg.effective_balance_weight
         self.reset_parameters()
@@ -259,7 +267,7 @@ class DirichletRouter(Router):
         schedule_2 = torch.empty(2, dtype=torch.float32, device=logits.device)
         schedule_2.fill_(tau)[1].fill_(prior_scale)
         with self._noise_rng(spike_logits.device):
-            probs, routing_map, loss_sum, stats, load_E, gate_prob, firing_2E = self._step_fn(
+            probs, routing_map, loss_sum, stats, load_E, aux_scores, firing_2E = self._step_fn(
                 spike_logits.device)(
                 spike_logits,
                 slab_logits,
@@ -286,7 +294,7 @@ class DirichletRouter(Router):
                     balance = self._balance_penalty(firing_2E, group_2E, num_tokens)
             probs = self._attach_losses(probs, loss_sum, num_tokens, balance)
             if self.aux_loss_coeff > 0:
-                probs = self._apply_load_balancing_loss(probs, gate_prob, routing_map, valid_T,
+                probs = self._apply_load_balancing_loss(probs, aux_scores, routing_map, valid_T,
                                                         num_tokens)
             # Only the forward that builds the graph records, as Megatron guards its own
             # router's statistics: under activation recompute the first forward runs without
@@ -295,7 +303,12 @@ class DirichletRouter(Router):
             if self.count_bias is not None:
                 if self.count_sums.device != stats.device:
                     self.count_sums = self.count_sums.to(stats.device)
-                self.count_sums += stats[:2].flip(0).float()  # (routed experts, real tokens)
+                routed = stats[1]
+                if self._count_gates_only:
+                    # A fallback token routes to exactly fallback_k experts that its gates
+                    # did not choose: count 0 for it.
+                    routed = routed - self._fallback_k * stats[3]
+                self.count_sums += torch.stack([routed, stats[0]]).float()  # (routed, tokens)
             if self.load_bias is not None:
                 if self.load_sums.device != load_E.device:
                     self.load_sums = self.load_sums.to(load_E.device)
@@ -422,11 +435,12 @@ class DirichletRouter(Router):
             aux = aux / self.config.mtp_num_layers
         return MoEAuxLossAutoScaler.apply(probs, aux)
 
-    def _apply_load_balancing_loss(self, probs, gate_prob_TE, routing_map_TE, valid_T,
+    def _apply_load_balancing_loss(self, probs, aux_scores_TE, routing_map_TE, valid_T,
                                    num_tokens):
-        """Megatron's aux_loss (Switch) on pi / sum(pi) against the realised routed load."""
+        """Megatron's aux_loss (Switch) on the normalised `aux_scores_TE` (pi, or the posterior
+        mean: `DirMoEConfig.aux_loss_scores`) against the realised routed load."""
         coeff = self.aux_loss_coeff
-        scores_TE = gate_prob_TE / gate_prob_TE.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        scores_TE = aux_scores_TE / aux_scores_TE.sum(dim=-1, keepdim=True).clamp(min=1e-20)
         if valid_T is not None:
             scores_TE = scores_TE * valid_T[:, None]
         tokens_per_expert = reduce_from_tensor_model_parallel_region(
@@ -656,9 +670,11 @@ def _routing_step(
     with_balance: bool = True,
     route_bias: Optional[torch.Tensor] = None,
     unnormalized_weight: str = "posterior-mean",
+    aux_scores: str = "gates",
 ):
     """Everything the router computes per step, as one function of tensors (so torch.compile
-    can fuse it on CUDA): routing, padding, the summed regulariser, statistics."""
+    can fuse it on CUDA): routing, padding, the summed regulariser, statistics, and the scores
+    of Megatron's aux loss (`aux_scores`: pi, or the posterior mean alpha_q / sum(alpha_q))."""
     result = route(
         spike_logits_TE,
         slab_logits_TE,
@@ -718,8 +734,9 @@ def _routing_step(
         )
     else:
         stats = load_E = None
-    return (probs_TE, routing_map_TE, loss_sum, stats, load_E, result.gate_prob_TE,
-            firing_2E)
+    scores_TE = (result.gate_prob_TE if aux_scores == "gates"
+                 else result.alpha_q_TE / result.alpha_q_TE.sum(dim=-1, keepdim=True))
+    return probs_TE, routing_map_TE, loss_sum, stats, load_E, scores_TE, firing_2E
 
 
 # ---------------------------------------------------------------------- helpers

@@ -38,6 +38,7 @@ NON_DEFAULT = {
     "sparsity_weight": "0.03",
     "count_weight": "0.3",
     "count_control_rate": "0.05",
+    "count_control_on": "gates",
     "load_control_rate": "0.02",
     "balance_weight": "0.2",
     "recon_variance": "2",
@@ -51,6 +52,7 @@ NON_DEFAULT = {
     "posterior_simpson": "0.8",
     "slab_mean": "head",
     "unnormalized_weight": "posterior-mean",
+    "aux_loss_scores": "posterior-mean",
 }
 
 
@@ -73,7 +75,8 @@ def test_every_field_reachable_from_the_cli(name):
     else:
         argv = [flag_name(name), value]
         expected = (value if name in ("prior_scale_schedule", "recipe", "tau_schedule",
-                                      "slab_mean", "unnormalized_weight") else float(value))
+                                      "slab_mean", "unnormalized_weight", "count_control_on",
+                                      "aux_loss_scores") else float(value))
     kwargs = {}
     if name in ("route_threshold", "sparsity_weight"):  # flags of the paper recipe only
         argv += ["--dirmoe-recipe", "paper"]

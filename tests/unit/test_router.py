@@ -262,18 +262,21 @@ def test_router_requires_a_schedule_horizon(megatron_single_rank):
         DirichletRouter(tiny_transformer_config(), dirmoe_config=DirMoEConfig(target_k=9, schedule_iters=5))
 
 
-def test_aux_loss_is_switch_loss_on_normalised_gate_probabilities(router_factory):
+@pytest.mark.parametrize("scores", ["gates", "posterior-mean"])
+def test_aux_loss_is_switch_loss_on_normalised_scores(router_factory, scores):
     """--moe-router-load-balancing-type aux_loss: on top of the DirMoE losses the router gets
-    the gradient of coeff * E / (T k) * sum_e load_e * sum_t pi_te / sum_j pi_tj."""
+    the gradient of coeff * E / (T k) * sum_e load_e * sum_t s_te / sum_j s_tj, with s the gate
+    probabilities pi or (`--dirmoe-aux-loss-scores posterior-mean`) the posterior mean."""
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     coeff = 0.5
     hidden = torch.randn(8, 4, H)
-    plain = router_factory(target_k=2)
+    plain = router_factory(target_k=2, aux_loss_scores=scores)
     plain.set_iteration(10)
     base_w, base_b = _aux_grads(plain, hidden)
     router = router_factory(
-        {"moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": coeff}, target_k=2
+        {"moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": coeff}, target_k=2,
+        aux_loss_scores=scores,
     )
     router.set_iteration(10)
     grad_w, grad_b = _aux_grads(router, hidden)
@@ -281,11 +284,19 @@ def test_aux_loss_is_switch_loss_on_normalised_gate_probabilities(router_factory
     res, weight, bias = _reference_route(router, hidden)
     num_tokens = res.routing_map_TE.shape[0]
     load = res.routing_map_TE.sum(0).float()
-    scores = res.gate_prob_TE / res.gate_prob_TE.sum(-1, keepdim=True)
+    if scores == "gates":
+        scores = res.gate_prob_TE / res.gate_prob_TE.sum(-1, keepdim=True)
+    else:
+        scores = res.alpha_q_TE / res.alpha_q_TE.sum(-1, keepdim=True)
+        # The calibrated recipe's slab: the posterior mean is the softmax of the gate logits.
+        logits = (hidden.reshape(-1, H) @ weight.T)[:, :E]
+        torch.testing.assert_close(scores, torch.softmax(logits, dim=-1))
     switch = coeff * E / (num_tokens * num_tokens * 2) * (load * scores.sum(0)).sum()
     switch.backward()
     torch.testing.assert_close(grad_w - base_w, weight.grad, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(grad_b - base_b, bias.grad, rtol=1e-4, atol=1e-7)
+    # The posterior mean is the softmax of the centred logits: no gradient to the spike bias.
+    expected_b = torch.zeros_like(bias) if bias.grad is None else bias.grad
+    torch.testing.assert_close(grad_b - base_b, expected_b, rtol=1e-4, atol=1e-7)
     assert weight.grad.abs().sum() > 0
     assert "load_balancing_loss" in get_moe_metrics_tracker().metrics
     get_moe_metrics_tracker().clear()

@@ -230,6 +230,37 @@ def test_a_per_expert_route_bias_moves_each_experts_decision_only():
     assert load_E[-1] > base.routing_map_TE.sum(0)[-1] and load_E[0] < base.routing_map_TE.sum(0)[0]
 
 
+def test_count_controller_on_the_gates_sees_the_fallback(make_router):
+    """While every token rides the top-k fallback the routed count is exactly k, so the
+    default controller (`count_control_on` 'routed') stays put; counting only what the gates
+    chose ('gates') sees 0 experts per token and raises c from the first step."""
+    from megatron_dirmoe.router import update_count_control
+
+    hidden = torch.randn(16, 2, H)
+    moved = {}
+    for on in ("routed", "gates"):
+        router = make_router(target_k=2, count_control_on=on)
+        with torch.no_grad():
+            router.spike_bias.fill_(-50.0)  # no gate passes: every token on the fallback
+        routing_map = _train_forward(router, hidden)
+        assert routing_map.sum(-1).tolist() == [2] * 32  # fallback_k = k experts each
+        assert router.count_sums.tolist() == [64.0 if on == "routed" else 0.0, 32.0]
+        update_count_control(router)
+        moved[on] = router.count_bias.item()
+    rate = DirMoEConfig(target_k=2).count_control_rate
+    assert moved == {"routed": 0.0, "gates": pytest.approx(rate)}
+    # Tokens whose gates chose their experts count them under both settings.
+    router = make_router(target_k=2, count_control_on="gates")
+    with torch.no_grad():
+        router.spike_bias.copy_(torch.tensor([50.0, 50.0, 50.0] + [-50.0] * (E - 3)))
+    _train_forward(router, hidden)
+    assert router.count_sums.tolist() == [96.0, 32.0]
+    with pytest.raises(ValueError, match="--dirmoe-count-control-on"):
+        DirMoEConfig(count_control_on="fallback")
+    with pytest.raises(ValueError, match="--dirmoe-aux-loss-scores"):
+        DirMoEConfig(aux_loss_scores="softmax")
+
+
 def test_controller_steps_b_against_the_mean_load(make_router):
     from megatron_dirmoe.router import update_count_control
 
