@@ -304,8 +304,8 @@ def test_aux_loss_is_switch_loss_on_normalised_scores(router_factory, scores):
 
 def test_aux_loss_next_to_gate_routing_warns_once(router_factory, monkeypatch):
     """At k >= 2 of the default recipe the aux loss was measured to leave layers on the top-k
-    fallback: building such a router says so, once per process (not once per layer); k = 1 and
-    routers without the aux loss stay quiet."""
+    fallback: building such a router says so, once per process (not once per layer); k = 1,
+    routers without the aux loss and a count controller on the gates' own choice stay quiet."""
     import warnings
 
     import megatron_dirmoe.router as router_module
@@ -317,7 +317,11 @@ def test_aux_loss_next_to_gate_routing_warns_once(router_factory, monkeypatch):
         router_factory(target_k=2)
         router_factory(aux, target_k=1)
     assert not [w for w in caught if "fallback_frac" in str(w.message)]
-    with pytest.warns(UserWarning, match="--dirmoe-load-control-rate.*fallback_frac"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # counting the gates' own choice ends the fallback
+        router_factory(aux, target_k=2, count_control_on="gates")
+    assert not [w for w in caught if "fallback_frac" in str(w.message)]
+    with pytest.warns(UserWarning, match="--dirmoe-count-control-on gates.*fallback_frac"):
         router_factory(aux, target_k=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
