@@ -178,7 +178,8 @@ class DirichletRouter(Router):
             loss_scale_kl=cfg.recon_variance * cfg.kl_weight,
             loss_scale_sparsity=cfg.recon_variance * cfg.effective_count_weight,
             with_balance=cfg.recon_variance * cfg.effective_balance_weight > 0,
-            aux_scores=cfg.aux_loss_scores,
+            # Without the aux loss nothing reads the scores: no per-step division for them.
+            aux_scores=cfg.aux_loss_scores if self.aux_loss_coeff > 0 else "gates",
         )
         self.balance_scale = cfg.recon_variance * cfg.effective_balance_weight
         self.reset_parameters()

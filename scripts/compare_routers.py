@@ -314,6 +314,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var) if len(values) > 1 else 0.0
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error sd / sqrt(n) of paired differences (nan below two values)."""
+    mean, std = _mean_std(values)
+    n = sum(1 for v in values if v is not None and not math.isnan(v))
+    return mean, std / math.sqrt(n) if n > 1 else float("nan")
+
+
 def _layer_mean(record: dict, key: str, part: str = "layers") -> Optional[float]:
     layers = record[part] if part == "layers" else (record.get("ood") or {}).get("layers")
     if not layers:
@@ -433,9 +440,8 @@ def paired_stats(recs: dict[int, dict], other_recs: dict[int, dict]) -> dict:
         values = [(_record_metric(recs[s], key), _record_metric(other_recs[s], key))
                   for s in seeds]
         diffs = [a - b for a, b in values if a is not None and b is not None]
-        mean, std = _mean_std(diffs)
-        stats[key] = {"per_seed": diffs, "mean": mean,
-                      "se": std / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")}
+        mean, se = mean_se(diffs)
+        stats[key] = {"per_seed": diffs, "mean": mean, "se": se}
     return stats
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -55,10 +54,10 @@ def layer_means(runs: dict[int, dict], part: str) -> list[float]:
 
 
 def window_gaps(runs: dict[int, dict], reference: dict[int, dict], seeds: list[int],
-                windows: int, effective) -> list[dict]:
+                windows: int, compare) -> list[dict]:
     """Per window of training steps: the paired training-loss difference (mean, standard error
-    over `seeds`) and each side's mean effective experts (`effective(record)` per step; None
-    where a side's history has none)."""
+    over `seeds`) and each side's mean effective experts (None where a side's history has
+    none); `compare` is the loaded `compare_routers` module."""
     steps = min(len(side[s].get("history") or []) for side in (runs, reference) for s in seeds)
     if not steps:
         raise SystemExit("paired_seeds: --windows needs the runs' training history; these "
@@ -74,15 +73,12 @@ def window_gaps(runs: dict[int, dict], reference: dict[int, dict], seeds: list[i
             return sum(h["loss"] for h in record["history"][lo:hi]) / (hi - lo)
 
         def eff(side: dict[int, dict]) -> Optional[float]:
-            curves = [effective(side[s]) for s in seeds]
+            curves = [compare.training_effective_experts(side[s]) for s in seeds]
             if not all(curves):
                 return None
             return sum(sum(c[lo:hi]) / (hi - lo) for c in curves) / len(curves)
 
-        diffs = [loss(runs[s]) - loss(reference[s]) for s in seeds]
-        mean = sum(diffs) / len(diffs)
-        se = (math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-              if len(diffs) > 1 else float("nan"))
+        mean, se = compare.mean_se([loss(runs[s]) - loss(reference[s]) for s in seeds])
         rows.append({"steps": (lo + 1, hi), "loss_gap": mean, "se": se,
                      "effective": eff(runs), "reference_effective": eff(reference)})
     return rows
@@ -120,8 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.windows:
         print("  training loss gap by window of steps (mean ± standard error), effective "
               "experts of each side")
-        rows = window_gaps(runs, reference, stats["seeds"], opts.windows,
-                           compare.training_effective_experts)
+        rows = window_gaps(runs, reference, stats["seeds"], opts.windows, compare)
         for row in rows:
             effs = " / ".join("n/a" if v is None else f"{v:.1f}"
                               for v in (row["effective"], row["reference_effective"]))
