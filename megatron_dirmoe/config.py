@@ -603,6 +603,16 @@ def dirmoe_config_from_args(args: argparse.Namespace,
             if name in given:
                 raise ValueError(f"{flag_name(name)} has no effect with {flag_name('recipe')} "
                                  f"{config.recipe}")
+        # The scores feed Megatron's aux loss only: without it the flag would do nothing.
+        if "aux_loss_scores" in given and hasattr(args, "moe_router_load_balancing_type"):
+            types = args.moe_router_load_balancing_type
+            coeffs = getattr(args, "moe_aux_loss_coeff", 0.0)
+            types, coeffs = ((types, coeffs) if isinstance(types, list)
+                             else ([types], [coeffs]))
+            if not any(t == "aux_loss" and (c or 0.0) > 0 for t, c in zip(types, coeffs)):
+                raise ValueError(f"{flag_name('aux_loss_scores')} has no effect without "
+                                 "--moe-router-load-balancing-type aux_loss and "
+                                 "--moe-aux-loss-coeff > 0")
         # A calibrator computes the value it names; giving both is ambiguous.
         for calibrator, target in (("prior_simpson", "prior_scale_end"),
                                    ("prior_mass_variance", "prior_scale_end"),

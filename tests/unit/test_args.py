@@ -81,6 +81,8 @@ def test_every_field_reachable_from_the_cli(name):
     if name in ("route_threshold", "sparsity_weight"):  # flags of the paper recipe only
         argv += ["--dirmoe-recipe", "paper"]
         kwargs["recipe"] = "paper"
+    if name == "aux_loss_scores":  # what Megatron's aux loss reads: needs that loss on
+        argv += ["--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2"]
     if name == "tau_decay":  # a parameter of the exponential schedule only
         argv += ["--dirmoe-tau-schedule", "exponential"]
         kwargs["tau_schedule"] = "exponential"

@@ -259,6 +259,17 @@ def test_count_controller_on_the_gates_sees_the_fallback(make_router):
         DirMoEConfig(count_control_on="fallback")
     with pytest.raises(ValueError, match="--dirmoe-aux-loss-scores"):
         DirMoEConfig(aux_loss_scores="softmax")
+    # Without Megatron's aux loss nothing reads the scores: a flag with no effect is an error.
+    def given(balancing, coeff):
+        return argparse.Namespace(dirmoe_aux_loss_scores="posterior-mean",
+                                  moe_router_load_balancing_type=balancing,
+                                  moe_aux_loss_coeff=coeff)
+
+    for balancing, coeff in (("none", 0.03), ("aux_loss", 0.0), (["seq_aux_loss"], [0.03])):
+        with pytest.raises(ValueError, match="--dirmoe-aux-loss-scores has no effect without"):
+            config_from_args(given(balancing, coeff))
+    assert config_from_args(given("aux_loss", 0.03)).aux_loss_scores == "posterior-mean"
+    assert config_from_args(given(["aux_loss"], [0.03])).aux_loss_scores == "posterior-mean"
 
 
 def test_controller_steps_b_against_the_mean_load(make_router):
