@@ -53,11 +53,22 @@ def layer_means(runs: dict[int, dict], part: str) -> list[float]:
             for i in range(len(per_seed[0]))]
 
 
+def _fallback_curve(record: dict) -> list[float]:
+    """Share of tokens on DirMoE's top-k fallback per training step, mean over MoE layers; []
+    for a router without one."""
+    history = record.get("history") or []
+    if not history or not all(row.get("dirmoe/fallback_frac") for row in history):
+        return []
+    return [sum(row["dirmoe/fallback_frac"]) / len(row["dirmoe/fallback_frac"])
+            for row in history]
+
+
 def window_gaps(runs: dict[int, dict], reference: dict[int, dict], seeds: list[int],
                 windows: int, compare) -> list[dict]:
     """Per window of training steps: the paired training-loss difference (mean, standard error
-    over `seeds`) and each side's mean effective experts (None where a side's history has
-    none); `compare` is the loaded `compare_routers` module."""
+    over `seeds`), each side's mean effective experts and, for DirMoE, its share of tokens on
+    the top-k fallback (None where a side's history has none); `compare` is the loaded
+    `compare_routers` module."""
     steps = min(len(side[s].get("history") or []) for side in (runs, reference) for s in seeds)
     if not steps:
         raise SystemExit("paired_seeds: --windows needs the runs' training history; these "
@@ -72,15 +83,19 @@ def window_gaps(runs: dict[int, dict], reference: dict[int, dict], seeds: list[i
         def loss(record: dict) -> float:
             return sum(h["loss"] for h in record["history"][lo:hi]) / (hi - lo)
 
-        def eff(side: dict[int, dict]) -> Optional[float]:
-            curves = [compare.training_effective_experts(side[s]) for s in seeds]
+        def window_mean(side: dict[int, dict], curve) -> Optional[float]:
+            curves = [curve(side[s]) for s in seeds]
             if not all(curves):
                 return None
             return sum(sum(c[lo:hi]) / (hi - lo) for c in curves) / len(curves)
 
         mean, se = compare.mean_se([loss(runs[s]) - loss(reference[s]) for s in seeds])
+        effective, fallback = compare.training_effective_experts, _fallback_curve
         rows.append({"steps": (lo + 1, hi), "loss_gap": mean, "se": se,
-                     "effective": eff(runs), "reference_effective": eff(reference)})
+                     "effective": window_mean(runs, effective),
+                     "reference_effective": window_mean(reference, effective),
+                     "fallback": window_mean(runs, fallback),
+                     "reference_fallback": window_mean(reference, fallback)})
     return rows
 
 
@@ -120,8 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
         for row in rows:
             effs = " / ".join("n/a" if v is None else f"{v:.1f}"
                               for v in (row["effective"], row["reference_effective"]))
+            fallbacks = " / ".join("n/a" if v is None else f"{v:.2f}"
+                                   for v in (row["fallback"], row["reference_fallback"]))
             print(f"    steps {row['steps'][0]}-{row['steps'][1]}: {row['loss_gap']:+.4f} ± "
-                  f"{row['se']:.4f}; effective experts {effs}")
+                  f"{row['se']:.4f}; effective experts {effs}; fallback {fallbacks}")
         stats["windows"] = rows
     return stats
 

@@ -180,6 +180,9 @@ def test_paired_seeds_windows_locate_the_training_gap(tmp_path, capsys, compare)
         for seed, offset in enumerate(offsets, start=1):
             history = [{"iteration": i + 1, "loss": 5.0 + (offset if i >= 2 else 0.0),
                         key: [2.0 * (i + 1), 4.0 * (i + 1)]} for i in range(4)]
+            if work == "probe":  # DirMoE: half the tokens on the fallback in steps 1-2
+                for i, row in enumerate(history):
+                    row["dirmoe/fallback_frac"] = [1.0, 0.0] if i < 2 else [0.0, 0.0]
             record = dict(_record("d2", seed, 2, 2.0, 5.0), history=history)
             (tmp_path / work / "records" / f"d2_seed{seed}.json").write_text(json.dumps(record))
     stats = paired.main([f"{tmp_path / 'probe'}:d2", f"{tmp_path / 'ref'}:d2", "--windows", "2"])
@@ -190,6 +193,8 @@ def test_paired_seeds_windows_locate_the_training_gap(tmp_path, capsys, compare)
     assert second["se"] == pytest.approx(1.0)  # sd of (1, 3) / sqrt(2)
     # Steps 1-2: layer means 3 and 6 -> 4.5; both sides read the same curves.
     assert first["effective"] == first["reference_effective"] == pytest.approx(4.5)
+    assert (first["fallback"], second["fallback"]) == (pytest.approx(0.5), pytest.approx(0.0))
+    assert first["reference_fallback"] is None  # a router without a fallback
     assert "steps 3-4: +2.0000 ± 1.0000; effective experts 10.5 / 10.5" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--windows must be in 1..4"):
         paired.main([f"{tmp_path / 'probe'}:d2", f"{tmp_path / 'ref'}:d2", "--windows", "5"])
