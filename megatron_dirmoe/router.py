@@ -145,9 +145,10 @@ class DirichletRouter(Router):
             _WARNED_AUX_WITH_GATES = True
             warnings.warn(
                 "--moe-router-load-balancing-type aux_loss next to DirMoE's gate routing (the "
-                "default recipe at k >= 2) can stop the gates from routing: in the cpu-fine-shared "
-                "comparison three of four layers sent every token to the top-k fallback "
-                "(dirmoe/fallback_frac 1.0), i.e. routed as a TopK router. The recipe balances "
+                "default recipe at k >= 2) can stop the gates from routing: in the cpu-fine and "
+                "cpu-fine-shared comparisons three of four layers sent every token to the top-k "
+                "fallback (dirmoe/fallback_frac 1.0), i.e. routed as TopK routers, on pi and on "
+                "the posterior mean alike. The recipe balances "
                 "load with --dirmoe-load-control-rate; if you keep the aux loss, add "
                 "--dirmoe-count-control-on gates (the count controller then sees the fallback and "
                 "hands the tokens back to the gates) and watch dirmoe/fallback_frac",
