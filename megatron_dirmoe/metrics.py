@@ -294,9 +294,15 @@ _SUMMARY_COLUMNS = (
 )
 
 
+# A layer whose every token took the fallback routes as a TopK router, not by its gates.
+ALL_FALLBACK = 0.99
+
+
 def format_routing_summary(rows: List[dict], target_k: int, num_experts: int) -> str:
     """A fixed-width table: realised active experts vs target k, expected k, effective experts,
-    fallback/cap fractions, per MoE layer."""
+    fallback/cap fractions, per MoE layer; then a note naming the layers whose every token took
+    the fallback (measured after aux-loss variants: such a layer stays a TopK router for the
+    rest of the run, and nothing else in the log says so)."""
     columns = [(key, title) for key, title in _SUMMARY_COLUMNS if any(key in r for r in rows)]
     head = f"{'layer':>5} " + " ".join(f"{title:>11}" for _, title in columns)
     lines = [f"routing summary (target k = {target_k}, experts = {num_experts})", head]
@@ -305,4 +311,13 @@ def format_routing_summary(rows: List[dict], target_k: int, num_experts: int) ->
             f"{row[key]:>11.3f}" if key in row else f"{'-':>11}" for key, _ in columns
         )
         lines.append(f"{row['layer']:>5} {cells}")
+    all_fallback = [row["layer"] for row in rows
+                    if row.get("fallback_frac", 0.0) >= ALL_FALLBACK]
+    if all_fallback:
+        layers = ", ".join(str(layer) for layer in all_fallback)
+        lines.append(
+            f"  note: layer{'s' if len(all_fallback) > 1 else ''} {layers} sent every token to "
+            "the top-k fallback: routed as a TopK router, not by the gates. Expected in the "
+            "first steps; at the end of a run it means the gates never cleared their "
+            "threshold (README, 'How to read fallback_frac')")
     return "\n".join(lines)
