@@ -676,7 +676,7 @@ def _routing_step(
 ):
     """Everything the router computes per step, as one function of tensors (so torch.compile
     can fuse it on CUDA): routing, padding, the summed regulariser, statistics, and the scores
-    of Megatron's aux loss (`aux_scores`: pi, or the posterior mean alpha_q / sum(alpha_q))."""
+    of Megatron's aux loss before normalisation (`aux_scores`: pi, or the posterior's alpha_q)."""
     result = route(
         spike_logits_TE,
         slab_logits_TE,
@@ -736,8 +736,8 @@ def _routing_step(
         )
     else:
         stats = load_E = None
-    scores_TE = (result.gate_prob_TE if aux_scores == "gates"
-                 else result.alpha_q_TE / result.alpha_q_TE.sum(dim=-1, keepdim=True))
+    # Unnormalised: the aux loss normalises either kind once (`_apply_load_balancing_loss`).
+    scores_TE = result.gate_prob_TE if aux_scores == "gates" else result.alpha_q_TE
     return probs_TE, routing_map_TE, loss_sum, stats, load_E, scores_TE, firing_2E
 
 
