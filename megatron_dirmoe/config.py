@@ -36,17 +36,32 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # noise and the KL cost held-out loss.
     # The count is held by the per-layer count controller rather than a penalty, and (k >= 2)
     # the load by the per-expert load controller rather than the balance term.
+    # With 32 or more experts and k >= 4 the recipe adds its own Switch loss on the posterior
+    # mean and the count controller then counts the gates' own choice; both depend on E and are
+    # resolved by `DirMoEConfig.calibrated_for` (None here).
     "calibrated": dict(posterior_scale=1000.0, kl_weight=0.0, renormalize=None,
                        count_weight=None, count_control_rate=3e-2, load_control_rate=None,
-                       balance_weight=None),
-    # The paper's values (Table 4, eq. 16); count_weight, the balance term and the controllers
-    # are unused by these recipes.
+                       balance_weight=None, aux_loss_coeff=None,
+                       aux_loss_scores="posterior-mean", count_control_on=None),
+    # The paper's values (Table 4, eq. 16); count_weight, the balance term, the controllers and
+    # an aux loss of the router's own are unused by these recipes.
     "paper": dict(posterior_scale=20.0, kl_weight=1e-2, renormalize=True, count_weight=0.1,
-                  count_control_rate=0.0, load_control_rate=0.0, balance_weight=0.1),
+                  count_control_rate=0.0, load_control_rate=0.0, balance_weight=0.1,
+                  aux_loss_coeff=0.0, aux_loss_scores="gates", count_control_on="routed"),
     "paper-notes": dict(posterior_scale=20.0, kl_weight=1e-2, renormalize=True,
                         count_weight=0.1, count_control_rate=0.0, load_control_rate=0.0,
-                        balance_weight=0.1),
+                        balance_weight=0.1, aux_loss_coeff=0.0, aux_loss_scores="gates",
+                        count_control_on="routed"),
 }
+
+# The calibrated recipe's fine-grained rule (docs/ROUTER_COMPARISON.md, "Fine-grained experts"):
+# from 32 experts and k = 4 on, the router's own Switch loss on the posterior mean at 0.03.
+# Chosen on the validation split: it cost 0.014 at E=8 (k = 2), tied at E=16 (k = 2) and gained
+# 0.028 at E=32 (k = 4) and 0.055 at E=64 (k = 8); at E=32, k = 2 it gained too, but the count
+# ran 13% over k.
+FINE_GRAINED_EXPERTS = 32
+FINE_GRAINED_MIN_K = 4
+FINE_GRAINED_AUX_LOSS_COEFF = 3e-2
 
 # Fields added after runs first stored their resolved config, with the value those runs used:
 # a checkpoint without `recipe` trained with the notes-literal recipe (then called "paper").
@@ -54,11 +69,13 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
 # one without `load_control_rate` its load with the balance term alone.
 # One without `unnormalized_weight` weighted a single expert by its posterior mean share; one
 # without `count_control_on` counted routed experts, and one without `aux_loss_scores` gave
-# Megatron's aux loss the gate probabilities.
+# Megatron's aux loss the gate probabilities; one without `aux_loss_coeff` had no aux loss of
+# the router's own.
 IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper-notes", "slab_mean": "head",
                                  "count_control_rate": 0.0, "load_control_rate": 0.0,
                                  "unnormalized_weight": "posterior-mean",
-                                 "count_control_on": "routed", "aux_loss_scores": "gates"}
+                                 "count_control_on": "routed", "aux_loss_scores": "gates",
+                                 "aux_loss_coeff": 0.0}
 # A stored config without this field predates the three-head "paper" recipe: its "paper" is
 # today's "paper-notes".
 _FIELD_OF_THREE_HEAD_RELEASE = "tau_schedule"
@@ -205,13 +222,15 @@ class DirMoEConfig:
         "pi and the balance term do not see it. 0 turns the controller off; >= 0, default 0.03",
         default=None,
     )
-    count_control_on: str = _doc(
+    count_control_on: Optional[str] = _doc(
         "recipe 'calibrated' only: what the count controller counts. 'routed': the experts "
         "each token was routed to, so a token on the top-k fallback counts k and c does not "
         "move while every token rides the fallback; 'gates': the experts whose gates chose "
         "them (l_i + c + b_i >= 0), so a fallback token counts 0 and c rises from the first "
-        "step until the gates route",
-        default="routed",
+        "step until the gates route (needed next to an aux loss, which otherwise can leave "
+        "every token of a layer on the fallback). Default: 'gates' when the router's own aux "
+        "loss is on (--dirmoe-aux-loss-coeff > 0), else 'routed'",
+        default=None,
     )
     load_control_rate: Optional[float] = _doc(
         "recipe 'calibrated' only: step of the per-expert load controller (DeepSeek-V3's "
@@ -229,12 +248,22 @@ class DirMoEConfig:
         "0.1 without the load controller (k = 1), 0 with it",
         default=None,
     )
-    aux_loss_scores: str = _doc(
-        "the router probabilities that Megatron's aux loss (--moe-router-load-balancing-type "
-        "aux_loss, --moe-aux-loss-coeff) balances against the routed load: 'gates' pi / sum(pi) "
-        "or 'posterior-mean' E_q[theta] = alpha_q / sum(alpha_q), the share each expert gets "
-        "in the Dirichlet posterior (what TopK softmax's aux loss reads from a softmax router)",
-        default="gates",
+    aux_loss_coeff: Optional[float] = _doc(
+        "weight of the router's own Switch load-balancing loss, coeff * E / (T k) * sum_i "
+        "load_i * sum_t s_ti (Megatron's aux_loss, on the scores of --dirmoe-aux-loss-scores); "
+        ">= 0. Default: the recipe's (calibrated: 0.03 with 32 or more experts and k >= 4, where "
+        "it trained better models, else 0; paper recipes: 0). Megatron's --moe-aux-loss-coeff "
+        "(with --moe-router-load-balancing-type aux_loss) replaces it; give one of the two",
+        default=None,
+    )
+    aux_loss_scores: Optional[str] = _doc(
+        "the router probabilities that the aux loss (--dirmoe-aux-loss-coeff, or Megatron's "
+        "--moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff) balances against the "
+        "routed load: 'gates' pi / sum(pi) or 'posterior-mean' E_q[theta] = alpha_q / "
+        "sum(alpha_q), the share each expert gets in the Dirichlet posterior (the softmax of "
+        "the gate logits in the calibrated recipe: what TopK softmax's aux loss reads). "
+        "Default: the recipe's (calibrated: posterior-mean; paper recipes: gates)",
+        default=None,
     )
     unnormalized_weight: str = _doc(
         "recipe 'calibrated' only: an active expert's weight when the weights are not "
@@ -312,7 +341,9 @@ class DirMoEConfig:
             bad("slab_mean", "'gate' or 'head'")
         if self.unnormalized_weight not in ("sigmoid", "posterior-mean"):
             bad("unnormalized_weight", "'sigmoid' or 'posterior-mean'")
-        if self.count_control_on not in ("routed", "gates"):
+        if self.aux_loss_coeff is not None:  # None: resolved with E (`calibrated_for`)
+            non_negative("aux_loss_coeff")
+        if self.count_control_on not in (None, "routed", "gates"):
             bad("count_control_on", "'routed' or 'gates'")
         if self.aux_loss_scores not in ("gates", "posterior-mean"):
             bad("aux_loss_scores", "'gates' or 'posterior-mean'")
@@ -465,18 +496,31 @@ class DirMoEConfig:
         return self.load_control_rate if self.recipe == "calibrated" else 0.0
 
     def calibrated_for(self, num_experts: int) -> "DirMoEConfig":
-        """A copy with the calibrators resolved: `prior_scale_end` from `prior_simpson` or
-        `prior_mass_variance`, `posterior_scale` from `posterior_simpson` (closed form, see
+        """A copy with what depends on the number of experts E resolved: the fine-grained
+        defaults (`aux_loss_coeff`, then `count_control_on`, where left at None) and the
+        calibrators: `prior_scale_end` from `prior_simpson` or `prior_mass_variance`,
+        `posterior_scale` from `posterior_simpson` (closed form, see
         :mod:`megatron_dirmoe.calibration`), on the prior's shape with k experts on. ``self``
-        when no calibrator is set. Errors name the flag when a target is unreachable."""
+        when nothing is left to resolve. Errors name the flag when a target is unreachable."""
         from megatron_dirmoe import calibration
 
+        changes: dict[str, Any] = {}
+        coeff = self.aux_loss_coeff
+        if coeff is None:
+            # Only the calibrated recipe leaves it open (the paper recipes' is 0).
+            fine_grained = (num_experts >= FINE_GRAINED_EXPERTS
+                            and self.target_k >= FINE_GRAINED_MIN_K)
+            coeff = FINE_GRAINED_AUX_LOSS_COEFF if self.renormalize and fine_grained else 0.0
+            changes["aux_loss_coeff"] = coeff
+        if self.count_control_on is None:
+            # Next to an aux loss a count of routed experts can leave every token of a layer on
+            # the top-k fallback for good (a fallback token counts k, so c never moves).
+            changes["count_control_on"] = "gates" if coeff > 0 else "routed"
         if (self.prior_simpson, self.prior_mass_variance, self.posterior_simpson) == (None,) * 3:
-            return self
+            return dataclasses.replace(self, **changes) if changes else self
         ratio = self.prior_ratio_for(num_experts)
         base = calibration.on_off_base(num_experts, self.target_k, ratio * self.alpha_lo,
                                        self.alpha_lo)
-        changes: dict[str, float] = {}
         try:
             if self.prior_simpson is not None:
                 changes["prior_scale_end"] = calibration.scale_for_simpson(self.prior_simpson, base)
@@ -582,13 +626,14 @@ def dirmoe_config_from_args(args: argparse.Namespace,
     if num_experts is None:
         num_experts = getattr(args, "num_experts", None)
     stored = getattr(args, "dirmoe_config", None)
+    given: dict[str, Any] = {}  # the --dirmoe-* flags given (none when a stored config is read)
+    megatron_aux = None  # whether Megatron's aux loss is on; None: its flags are not there
     if isinstance(stored, dict):
         stored = {**IMPLICIT_IN_OLDER_CHECKPOINTS, **stored}
         if stored["recipe"] == "paper" and _FIELD_OF_THREE_HEAD_RELEASE not in stored:
             stored["recipe"] = "paper-notes"  # "paper" named the notes-literal recipe then
         config = DirMoEConfig(**stored)
     else:
-        given = {}
         for f in dataclasses.fields(DirMoEConfig):
             value = getattr(args, f"dirmoe_{f.name}", None)
             if value is not None:
@@ -603,16 +648,16 @@ def dirmoe_config_from_args(args: argparse.Namespace,
             if name in given:
                 raise ValueError(f"{flag_name(name)} has no effect with {flag_name('recipe')} "
                                  f"{config.recipe}")
-        # The scores feed Megatron's aux loss only: without it the flag would do nothing.
-        if "aux_loss_scores" in given and hasattr(args, "moe_router_load_balancing_type"):
+        # Megatron's aux loss replaces the router's own: both given is ambiguous.
+        if hasattr(args, "moe_router_load_balancing_type"):
             types = args.moe_router_load_balancing_type
             coeffs = getattr(args, "moe_aux_loss_coeff", 0.0)
             types, coeffs = ((types, coeffs) if isinstance(types, list)
                              else ([types], [coeffs]))
-            if not any(t == "aux_loss" and (c or 0.0) > 0 for t, c in zip(types, coeffs)):
-                raise ValueError(f"{flag_name('aux_loss_scores')} has no effect without "
-                                 "--moe-router-load-balancing-type aux_loss and "
-                                 "--moe-aux-loss-coeff > 0")
+            megatron_aux = any(t == "aux_loss" and (c or 0.0) > 0 for t, c in zip(types, coeffs))
+        if megatron_aux and "aux_loss_coeff" in given:
+            raise ValueError(f"{flag_name('aux_loss_coeff')} and --moe-aux-loss-coeff both set "
+                             "the router's aux loss; give one of the two")
         # A calibrator computes the value it names; giving both is ambiguous.
         for calibrator, target in (("prior_simpson", "prior_scale_end"),
                                    ("prior_mass_variance", "prior_scale_end"),
@@ -624,4 +669,15 @@ def dirmoe_config_from_args(args: argparse.Namespace,
             config = config.with_schedule_horizon(args.train_iters)
     if num_experts is not None:
         config = config.validate_for(num_experts).calibrated_for(num_experts)
+    # The scores feed an aux loss only: without one the flag would do nothing. The router's own
+    # coefficient is unknown here only at k >= 4 without E.
+    own_aux = config.aux_loss_coeff
+    if own_aux is None and not (config.renormalize and config.target_k >= FINE_GRAINED_MIN_K):
+        own_aux = 0.0
+    if "aux_loss_scores" in given and megatron_aux is False and own_aux == 0.0:
+        raise ValueError(
+            f"{flag_name('aux_loss_scores')} has no effect without an aux loss: "
+            f"{flag_name('aux_loss_coeff')} > 0 (the default from {FINE_GRAINED_EXPERTS} "
+            f"experts and k = {FINE_GRAINED_MIN_K} on), or --moe-router-load-balancing-type "
+            "aux_loss and --moe-aux-loss-coeff > 0")
     return config

@@ -124,13 +124,16 @@ class DirichletRouter(Router):
             self.load_bias = None
         self.load_sums = torch.zeros(num_experts, dtype=torch.float32)
         self._counting_since: Optional[int] = None  # iteration of the oldest unreduced count
-        # Megatron's Switch-style load-balancing loss (--moe-router-load-balancing-type aux_loss
-        # --moe-aux-loss-coeff c) on the normalised gate probabilities pi / sum(pi), as
-        # TopKRouter applies it to sigmoid scores, or on the posterior mean
-        # (`DirMoEConfig.aux_loss_scores`), with k = target_k.
+        # The Switch-style load-balancing loss on the posterior mean (`DirMoEConfig.
+        # aux_loss_scores`; with 'gates' on the normalised gate probabilities pi / sum(pi), as
+        # TopKRouter applies it to sigmoid scores), with k = target_k: the router's own
+        # (`DirMoEConfig.aux_loss_coeff`), or Megatron's (--moe-router-load-balancing-type
+        # aux_loss --moe-aux-loss-coeff c) in its place when that is on.
         self.routing_type = config.moe_router_load_balancing_type
         self.topk = self.dirmoe_config.target_k
-        self.aux_loss_coeff = TopKRouter.get_aux_loss_coeff(self, "aux_loss")
+        megatron_aux_coeff = TopKRouter.get_aux_loss_coeff(self, "aux_loss")
+        self.aux_loss_coeff = (megatron_aux_coeff if megatron_aux_coeff > 0
+                               else self.dirmoe_config.aux_loss_coeff)
         for kind in ("seq_aux_loss", "global_aux_loss"):
             if TopKRouter.get_aux_loss_coeff(self, kind) > 0:
                 raise ValueError(f"--moe-router-load-balancing-type {kind} is not supported by "
@@ -151,7 +154,8 @@ class DirichletRouter(Router):
                 "the posterior mean alike. The recipe balances "
                 "load with --dirmoe-load-control-rate; if you keep the aux loss, add "
                 "--dirmoe-count-control-on gates (the count controller then sees the fallback and "
-                "hands the tokens back to the gates) and watch dirmoe/fallback_frac",
+                "hands the tokens back to the gates; the default from 32 experts on, where the "
+                "recipe has an aux loss of its own) and watch dirmoe/fallback_frac",
                 stacklevel=2)
         if config.moe_router_enable_expert_bias:
             # DirMoE has its own expert bias, stepped with the count controller in one

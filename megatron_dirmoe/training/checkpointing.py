@@ -235,15 +235,16 @@ _IMPLICIT_IN_OLDER_CHECKPOINTS = {
     "recipe": "paper",
     **{name: IMPLICIT_IN_OLDER_CHECKPOINTS[name]
        for name in ("count_control_rate", "load_control_rate", "unnormalized_weight",
-                    "count_control_on", "aux_loss_scores")},
+                    "count_control_on", "aux_loss_scores", "aux_loss_coeff")},
 }
 # Routing controllers and the buffer that holds their state in the checkpoint.
 _CONTROLLER_BUFFERS = {"count_control_rate": "count_bias", "load_control_rate": "load_bias"}
 
 
-def dirmoe_config_changes(saved: dict, current: dict) -> list[str]:
+def dirmoe_config_changes(saved: dict, current: dict, scores_read: bool = True) -> list[str]:
     """``--dirmoe-<flag> saved -> current`` for every router setting that differs between a
-    checkpoint's resolved `DirMoEConfig` (``args.dirmoe_config``) and the current one."""
+    checkpoint's resolved `DirMoEConfig` (``args.dirmoe_config``) and the current one.
+    `scores_read`: whether an aux loss read `aux_loss_scores` in either run."""
     from megatron_dirmoe.config import flag_name
 
     changes = []
@@ -252,6 +253,8 @@ def dirmoe_config_changes(saved: dict, current: dict) -> list[str]:
             continue
         if name == "unnormalized_weight" and current.get("renormalize"):
             continue  # renormalised weights do not read it
+        if name == "aux_loss_scores" and not scores_read:
+            continue  # no aux loss read them
         if name in saved:
             old = saved[name]
         elif name in _IMPLICIT_IN_OLDER_CHECKPOINTS:
@@ -278,7 +281,9 @@ def check_resume_config(saved_args, args, where) -> None:
     _check_controller_state(saved, current, where)
     if getattr(args, "dirmoe_allow_config_change", False):
         return
-    changes = dirmoe_config_changes(saved, current)
+    scores_read = any(_aux_loss_on(run_args, config)
+                      for run_args, config in ((saved_args, saved), (args, current)))
+    changes = dirmoe_config_changes(saved, current, scores_read)
     if changes:
         from megatron_dirmoe.errors import UserError
 
@@ -288,6 +293,16 @@ def check_resume_config(saved_args, args, where) -> None:
             "resume with the checkpoint's values, or pass --dirmoe-allow-config-change to "
             "continue with the new ones"
         )
+
+
+def _aux_loss_on(run_args, config: dict) -> bool:
+    """Whether a run had an aux loss on its router: its own or Megatron's."""
+    if (config.get("aux_loss_coeff") or 0.0) > 0:
+        return True
+    types = getattr(run_args, "moe_router_load_balancing_type", "none")
+    coeffs = getattr(run_args, "moe_aux_loss_coeff", 0.0)
+    types, coeffs = (types, coeffs) if isinstance(types, list) else ([types], [coeffs])
+    return any(t == "aux_loss" and (c or 0.0) > 0 for t, c in zip(types, coeffs))
 
 
 def _controller_on(config: dict, name: str) -> bool:

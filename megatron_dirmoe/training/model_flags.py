@@ -119,10 +119,12 @@ TRAINING_FLAGS: dict[str, str] = {
 # "refused: ..." (then it is in REFUSALS).
 ROUTER_FLAGS: dict[str, str] = {
     "moe_router_topk": "honoured: set to DirMoE's max_active, the per-token cap (layout check)",
-    "moe_aux_loss_coeff": "honoured: Switch aux loss with aux_loss, on pi/sum(pi) or the "
-                          "posterior mean (--dirmoe-aux-loss-scores); a warning at k >= 2 of "
-                          "the default recipe, where it can leave the gates unused",
-    "moe_router_load_balancing_type": "honoured: aux_loss or none; others refused",
+    "moe_aux_loss_coeff": "honoured: with aux_loss, replaces --dirmoe-aux-loss-coeff as the "
+                          "weight of the router's Switch loss on --dirmoe-aux-loss-scores (a "
+                          "warning at k >= 2 of the default recipe with "
+                          "--dirmoe-count-control-on routed, where it can leave the gates unused)",
+    "moe_router_load_balancing_type": "honoured: aux_loss or none; others refused (none does "
+                                      "not turn off --dirmoe-aux-loss-coeff)",
     "moe_z_loss_coeff": "honoured: z-loss on the spike logits",
     "moe_router_dtype": "honoured: router math is fp32 (fp64 refused)",
     "moe_expert_capacity_factor": "refused: use --dirmoe-capacity-factor (layout check)",

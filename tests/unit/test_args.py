@@ -52,7 +52,8 @@ NON_DEFAULT = {
     "posterior_simpson": "0.8",
     "slab_mean": "head",
     "unnormalized_weight": "posterior-mean",
-    "aux_loss_scores": "posterior-mean",
+    "aux_loss_scores": "gates",
+    "aux_loss_coeff": "0.05",
 }
 
 

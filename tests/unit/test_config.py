@@ -58,6 +58,37 @@ def test_calibrated_recipe_defaults_depend_on_k():
     assert DirMoEConfig(**dataclasses.asdict(two)) == two
 
 
+@pytest.mark.parametrize("num_experts, k, coeff, count_on", [
+    (8, 2, 0.0, "routed"), (16, 4, 0.0, "routed"), (31, 4, 0.0, "routed"),
+    (32, 4, 0.03, "gates"), (64, 8, 0.03, "gates"), (256, 8, 0.03, "gates"),
+    (256, 3, 0.0, "routed"), (32, 2, 0.0, "routed"),  # the count ran 13% over k at k = 2
+    (64, 1, 0.0, "routed"),  # k = 1 keeps its balance term
+])
+def test_fine_grained_defaults_depend_on_the_number_of_experts(num_experts, k, coeff, count_on):
+    """From 32 experts and k = 4 on the calibrated recipe adds its own Switch loss on the
+    posterior mean, and its count controller then counts the gates' own choice; both are
+    resolved once E is known, and a value given wins."""
+    cfg = DirMoEConfig(target_k=k)
+    assert (cfg.aux_loss_coeff, cfg.count_control_on) == (None, None)  # E not known yet
+    assert cfg.aux_loss_scores == "posterior-mean"
+    resolved = cfg.calibrated_for(num_experts)
+    assert resolved.aux_loss_coeff == pytest.approx(coeff)
+    assert resolved.count_control_on == count_on
+    assert resolved.calibrated_for(num_experts) == resolved
+    assert DirMoEConfig(**dataclasses.asdict(resolved)) == resolved  # stored, then rebuilt
+    given = DirMoEConfig(target_k=k, aux_loss_coeff=0.01, count_control_on="routed")
+    assert (given.calibrated_for(num_experts).aux_loss_coeff,
+            given.calibrated_for(num_experts).count_control_on) == (0.01, "routed")
+    # An aux loss given below 32 experts counts the gates too, unless told otherwise.
+    assert DirMoEConfig(target_k=k, aux_loss_coeff=0.01).calibrated_for(
+        num_experts).count_control_on == "gates"
+    off = DirMoEConfig(target_k=k, aux_loss_coeff=0.0).calibrated_for(num_experts)
+    assert (off.aux_loss_coeff, off.count_control_on) == (0.0, "routed")
+    # The paper recipes have no aux loss of their own, at any E.
+    paper = DirMoEConfig(recipe="paper", target_k=k).calibrated_for(num_experts)
+    assert (paper.aux_loss_coeff, paper.aux_loss_scores) == (0.0, "gates")
+
+
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         DirMoEConfig().target_k = 2  # type: ignore[misc]
@@ -65,6 +96,7 @@ def test_frozen():
 
 BAD_VALUES = [
     ("target_k", 0),
+    ("aux_loss_coeff", -1e-2),
     ("route_threshold", 0.0),
     ("route_threshold", 1.0),
     ("tau_start", 0.0),
@@ -185,6 +217,16 @@ def test_stored_config_wins_and_older_checkpoints_keep_their_recipe():
     old = dirmoe_config_from_args(args)
     assert (old.recipe, old.slab, old.posterior_scale, old.count_weight) == (
         "calibrated", "head", 20.0, 0.1)
+    # A run stored before the router's own aux loss had none, and Megatron's aux loss (if any)
+    # read the gate probabilities, whatever its number of experts.
+    before_aux = dataclasses.asdict(DirMoEConfig(target_k=2, schedule_iters=50))
+    del before_aux["aux_loss_coeff"], before_aux["aux_loss_scores"]
+    before_aux["count_control_on"] = "routed"
+    args.dirmoe_config, args.num_experts = before_aux, 32
+    resumed = dirmoe_config_from_args(args)
+    assert (resumed.aux_loss_coeff, resumed.aux_loss_scores, resumed.count_control_on) == (
+        0.0, "gates", "routed")
+    args.num_experts = 8
     # Today's stored configs round-trip as they are.
     args.dirmoe_config = dataclasses.asdict(DirMoEConfig(recipe="paper", schedule_iters=5))
     assert dirmoe_config_from_args(args) == DirMoEConfig(recipe="paper", schedule_iters=5)

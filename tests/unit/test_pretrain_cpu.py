@@ -261,6 +261,21 @@ def test_resume_check_names_new_defaults_and_refuses_controllers_without_state()
                                                   dirmoe_allow_config_change=allow), "ckpt")
 
     new_k2 = dataclasses.asdict(DirMoEConfig(target_k=2, schedule_iters=10))
+    # A 32-expert k = 4 run from before the router's own aux loss resumes only when told to;
+    # an 8-expert one sees no change there.
+    fine_k4 = dataclasses.asdict(DirMoEConfig(target_k=4, schedule_iters=10).calibrated_for(32))
+    assert {"--dirmoe-aux-loss-coeff 0.0 -> 0.03",
+            "--dirmoe-aux-loss-scores 'gates' -> 'posterior-mean'",
+            "--dirmoe-count-control-on 'routed' -> 'gates'"} <= set(
+        dirmoe_config_changes(dict(k2, target_k=4), fine_k4))
+    small_k2 = dataclasses.asdict(DirMoEConfig(target_k=2, schedule_iters=10).calibrated_for(8))
+    assert not [c for c in dirmoe_config_changes(k2, small_k2)
+                if "aux-loss-coeff" in c or "count-control-on" in c]
+    # The scores' new default is a change only where an aux loss reads them.
+    assert "--dirmoe-aux-loss-scores 'gates' -> 'posterior-mean'" in dirmoe_config_changes(
+        k2, small_k2)
+    assert not [c for c in dirmoe_config_changes(k2, small_k2, scores_read=False)
+                if "aux-loss-scores" in c]
     with pytest.raises(ValueError, match="--dirmoe-load-control-rate 0"):
         resume(k2, new_k2, allow=True)
     with pytest.raises(ValueError, match="--dirmoe-count-control-rate 0"):

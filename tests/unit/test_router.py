@@ -262,22 +262,31 @@ def test_router_requires_a_schedule_horizon(megatron_single_rank):
         DirichletRouter(tiny_transformer_config(), dirmoe_config=DirMoEConfig(target_k=9, schedule_iters=5))
 
 
+@pytest.mark.parametrize("source", ["dirmoe", "megatron"])
 @pytest.mark.parametrize("scores", ["gates", "posterior-mean"])
-def test_aux_loss_is_switch_loss_on_normalised_scores(router_factory, scores):
-    """--moe-router-load-balancing-type aux_loss: on top of the DirMoE losses the router gets
-    the gradient of coeff * E / (T k) * sum_e load_e * sum_t s_te / sum_j s_tj, with s the gate
-    probabilities pi or (`--dirmoe-aux-loss-scores posterior-mean`) the posterior mean."""
+def test_aux_loss_is_switch_loss_on_normalised_scores(router_factory, scores, source):
+    """The router's own aux loss (--dirmoe-aux-loss-coeff), or Megatron's in its place
+    (--moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff, which replaces it rather
+    than adding a second): on top of the other DirMoE losses the router gets the gradient of
+    coeff * E / (T k) * sum_e load_e * sum_t s_te / sum_j s_tj, with s the gate probabilities
+    pi or (`--dirmoe-aux-loss-scores posterior-mean`, the calibrated default) the posterior
+    mean. The count controller is kept on the routed experts so that both routers route alike."""
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     coeff = 0.5
     hidden = torch.randn(8, 4, H)
-    plain = router_factory(target_k=2, aux_loss_scores=scores)
+    plain = router_factory(target_k=2, aux_loss_scores=scores, count_control_on="routed")
     plain.set_iteration(10)
+    assert plain.aux_loss_coeff == 0.0  # 8 experts: no aux loss by default
     base_w, base_b = _aux_grads(plain, hidden)
-    router = router_factory(
-        {"moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": coeff}, target_k=2,
-        aux_loss_scores=scores,
-    )
+    if source == "dirmoe":
+        router = router_factory(target_k=2, aux_loss_scores=scores, aux_loss_coeff=coeff,
+                                count_control_on="routed")
+    else:  # replaces the router's own coefficient rather than adding to it
+        router = router_factory(
+            {"moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": coeff},
+            target_k=2, aux_loss_scores=scores, aux_loss_coeff=0.03, count_control_on="routed")
+    assert router.aux_loss_coeff == coeff
     router.set_iteration(10)
     grad_w, grad_b = _aux_grads(router, hidden)
 
@@ -316,6 +325,8 @@ def test_aux_loss_next_to_gate_routing_warns_once(router_factory, monkeypatch):
         warnings.simplefilter("always")
         router_factory(target_k=2)
         router_factory(aux, target_k=1)
+        # 32 experts, k = 4: the recipe's own aux loss, with the count on the gates' own choice.
+        assert router_factory({"num_moe_experts": 32}, target_k=4).aux_loss_coeff > 0
     assert not [w for w in caught if "fallback_frac" in str(w.message)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # counting the gates' own choice ends the fallback
@@ -327,6 +338,20 @@ def test_aux_loss_next_to_gate_routing_warns_once(router_factory, monkeypatch):
         warnings.simplefilter("always")
         router_factory(aux, target_k=2)
     assert not [w for w in caught if "fallback_frac" in str(w.message)]
+
+
+@pytest.mark.parametrize("num_experts, k, coeff", [
+    (8, 4, 0.0), (16, 4, 0.0), (32, 2, 0.0), (32, 4, 0.03), (64, 8, 0.03)])
+def test_router_resolves_the_fine_grained_defaults(router_factory, num_experts, k, coeff):
+    """From 32 experts and k = 4 on, a router of the default recipe has its own aux loss (0.03
+    on the posterior mean) and counts the gates' own choice; otherwise neither."""
+    router = router_factory({"num_moe_experts": num_experts}, target_k=k)
+    assert router.aux_loss_coeff == pytest.approx(coeff)
+    assert router.dirmoe_config.aux_loss_coeff == pytest.approx(coeff)
+    assert router._count_gates_only == (coeff > 0)
+    assert router._static_kwargs["aux_scores"] == ("posterior-mean" if coeff else "gates")
+    off = router_factory({"num_moe_experts": num_experts}, target_k=k, aux_loss_coeff=0.0)
+    assert (off.aux_loss_coeff, off._count_gates_only) == (0.0, False)
 
 
 @pytest.mark.parametrize("overrides, match", [

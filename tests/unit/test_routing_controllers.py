@@ -270,6 +270,17 @@ def test_count_controller_on_the_gates_sees_the_fallback(make_router):
             config_from_args(given(balancing, coeff))
     assert config_from_args(given("aux_loss", 0.03)).aux_loss_scores == "posterior-mean"
     assert config_from_args(given(["aux_loss"], [0.03])).aux_loss_scores == "posterior-mean"
+    # From 32 experts and k = 4 on the router's own aux loss reads them; Megatron's replaces
+    # it, never both.
+    own = argparse.Namespace(dirmoe_aux_loss_scores="gates", dirmoe_target_k=4, num_experts=32,
+                             moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.0)
+    assert config_from_args(own).aux_loss_coeff == pytest.approx(3e-2)
+    own.num_experts = 16
+    with pytest.raises(ValueError, match="--dirmoe-aux-loss-scores has no effect without"):
+        config_from_args(own)
+    own.dirmoe_aux_loss_coeff, own.moe_aux_loss_coeff = 0.05, 1e-2
+    with pytest.raises(ValueError, match="--dirmoe-aux-loss-coeff and --moe-aux-loss-coeff"):
+        config_from_args(own)
 
 
 def test_controller_steps_b_against_the_mean_load(make_router):
