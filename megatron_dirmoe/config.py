@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = ["DirMoEConfig", "RECIPES", "add_dirmoe_args", "dirmoe_config_from_args", "flag_name",
-           "IMPLICIT_IN_OLDER_CHECKPOINTS"]
+           "IMPLICIT_IN_OLDER_CHECKPOINTS", "megatron_aux_loss_on"]
 
 FLAG_PREFIX = "--dirmoe-"
 
@@ -612,6 +612,18 @@ def add_dirmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def megatron_aux_loss_on(args) -> Optional[bool]:
+    """Whether Megatron's aux loss (--moe-router-load-balancing-type aux_loss with a positive
+    --moe-aux-loss-coeff, either flag a single value or a list) is on in `args`; None when the
+    namespace has no Megatron MoE flags."""
+    if not hasattr(args, "moe_router_load_balancing_type"):
+        return None
+    types = args.moe_router_load_balancing_type
+    coeffs = getattr(args, "moe_aux_loss_coeff", 0.0)
+    types, coeffs = (types, coeffs) if isinstance(types, list) else ([types], [coeffs])
+    return any(t == "aux_loss" and (c or 0.0) > 0 for t, c in zip(types, coeffs))
+
+
 def dirmoe_config_from_args(args: argparse.Namespace,
                             num_experts: Optional[int] = None) -> DirMoEConfig:
     """The run's validated :class:`DirMoEConfig` from a namespace.
@@ -649,12 +661,7 @@ def dirmoe_config_from_args(args: argparse.Namespace,
                 raise ValueError(f"{flag_name(name)} has no effect with {flag_name('recipe')} "
                                  f"{config.recipe}")
         # Megatron's aux loss replaces the router's own: both given is ambiguous.
-        if hasattr(args, "moe_router_load_balancing_type"):
-            types = args.moe_router_load_balancing_type
-            coeffs = getattr(args, "moe_aux_loss_coeff", 0.0)
-            types, coeffs = ((types, coeffs) if isinstance(types, list)
-                             else ([types], [coeffs]))
-            megatron_aux = any(t == "aux_loss" and (c or 0.0) > 0 for t, c in zip(types, coeffs))
+        megatron_aux = megatron_aux_loss_on(args)
         if megatron_aux and "aux_loss_coeff" in given:
             raise ValueError(f"{flag_name('aux_loss_coeff')} and --moe-aux-loss-coeff both set "
                              "the router's aux loss; give one of the two")

@@ -297,12 +297,9 @@ def check_resume_config(saved_args, args, where) -> None:
 
 def _aux_loss_on(run_args, config: dict) -> bool:
     """Whether a run had an aux loss on its router: its own or Megatron's."""
-    if (config.get("aux_loss_coeff") or 0.0) > 0:
-        return True
-    types = getattr(run_args, "moe_router_load_balancing_type", "none")
-    coeffs = getattr(run_args, "moe_aux_loss_coeff", 0.0)
-    types, coeffs = (types, coeffs) if isinstance(types, list) else ([types], [coeffs])
-    return any(t == "aux_loss" and (c or 0.0) > 0 for t, c in zip(types, coeffs))
+    from megatron_dirmoe.config import megatron_aux_loss_on
+
+    return (config.get("aux_loss_coeff") or 0.0) > 0 or bool(megatron_aux_loss_on(run_args))
 
 
 def _controller_on(config: dict, name: str) -> bool:
