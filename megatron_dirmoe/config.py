@@ -620,7 +620,9 @@ def megatron_aux_loss_on(args) -> Optional[bool]:
         return None
     types = args.moe_router_load_balancing_type
     coeffs = getattr(args, "moe_aux_loss_coeff", 0.0)
-    types, coeffs = (types, coeffs) if isinstance(types, list) else ([types], [coeffs])
+    types = types if isinstance(types, list) else [types]
+    # Megatron accepts one coefficient for every type, or one per type.
+    coeffs = coeffs if isinstance(coeffs, list) else [coeffs] * len(types)
     return any(t == "aux_loss" and (c or 0.0) > 0 for t, c in zip(types, coeffs))
 
 

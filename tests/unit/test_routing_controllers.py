@@ -281,6 +281,12 @@ def test_count_controller_on_the_gates_sees_the_fallback(make_router):
     own.dirmoe_aux_loss_coeff, own.moe_aux_loss_coeff = 0.05, 1e-2
     with pytest.raises(ValueError, match="--dirmoe-aux-loss-coeff and --moe-aux-loss-coeff"):
         config_from_args(own)
+    # Megatron takes a list of types with one coefficient for all, or one per type.
+    own.moe_router_load_balancing_type = ["none", "aux_loss"]
+    with pytest.raises(ValueError, match="--dirmoe-aux-loss-coeff and --moe-aux-loss-coeff"):
+        config_from_args(own)
+    own.moe_aux_loss_coeff = [1e-2, 0.0]
+    assert config_from_args(own).aux_loss_coeff == 0.05
 
 
 def test_controller_steps_b_against_the_mean_load(make_router):
