@@ -147,15 +147,14 @@ class DirichletRouter(Router):
             # top k, the routed count is then exactly k and the count controller never moves.
             _WARNED_AUX_WITH_GATES = True
             warnings.warn(
-                "--moe-router-load-balancing-type aux_loss next to DirMoE's gate routing (the "
-                "default recipe at k >= 2) can stop the gates from routing: in the cpu-fine and "
-                "cpu-fine-shared comparisons three of four layers sent every token to the top-k "
-                "fallback (dirmoe/fallback_frac 1.0), i.e. routed as TopK routers, on pi and on "
-                "the posterior mean alike. The recipe balances "
-                "load with --dirmoe-load-control-rate; if you keep the aux loss, add "
-                "--dirmoe-count-control-on gates (the count controller then sees the fallback and "
-                "hands the tokens back to the gates; the default from 32 experts on, where the "
-                "recipe has an aux loss of its own) and watch dirmoe/fallback_frac",
+                "an aux loss (--dirmoe-aux-loss-coeff, or --moe-router-load-balancing-type "
+                "aux_loss) next to DirMoE's gate routing (the default recipe at k >= 2) with the "
+                "count controller on routed experts can stop the gates from routing: in the "
+                "cpu-fine and cpu-fine-shared comparisons three of four layers sent every token to "
+                "the top-k fallback (dirmoe/fallback_frac 1.0), i.e. routed as TopK routers, on pi "
+                "and on the posterior mean alike. Add --dirmoe-count-control-on gates (the count "
+                "controller then sees the fallback and hands the tokens back to the gates; the "
+                "default wherever --dirmoe-aux-loss-coeff > 0) and watch dirmoe/fallback_frac",
                 stacklevel=2)
         if config.moe_router_enable_expert_bias:
             # DirMoE has its own expert bias, stepped with the count controller in one

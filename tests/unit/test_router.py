@@ -338,6 +338,10 @@ def test_aux_loss_next_to_gate_routing_warns_once(router_factory, monkeypatch):
         warnings.simplefilter("always")
         router_factory(aux, target_k=2)
     assert not [w for w in caught if "fallback_frac" in str(w.message)]
+    # The router's own aux loss with the count held on routed experts warns the same.
+    monkeypatch.setattr(router_module, "_WARNED_AUX_WITH_GATES", False)
+    with pytest.warns(UserWarning, match="--dirmoe-aux-loss-coeff.*count-control-on gates"):
+        router_factory(target_k=2, aux_loss_coeff=1e-2, count_control_on="routed")
 
 
 @pytest.mark.parametrize("num_experts, k, coeff", [
