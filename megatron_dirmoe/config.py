@@ -495,6 +495,18 @@ class DirMoEConfig:
         """The load controller's step as applied: the paper recipes have no controller."""
         return self.load_control_rate if self.recipe == "calibrated" else 0.0
 
+    def aux_loss_coeff_for(self, num_experts: Optional[int]) -> Optional[float]:
+        """The weight of the router's own aux loss: the one given, else the recipe's
+        fine-grained rule for E = `num_experts` (only the calibrated recipe leaves it open; the
+        paper recipes' is 0). None when the rule needs an E that is not known yet."""
+        if self.aux_loss_coeff is not None:
+            return self.aux_loss_coeff
+        if not (self.renormalize and self.target_k >= FINE_GRAINED_MIN_K):
+            return 0.0
+        if num_experts is None:
+            return None
+        return FINE_GRAINED_AUX_LOSS_COEFF if num_experts >= FINE_GRAINED_EXPERTS else 0.0
+
     def calibrated_for(self, num_experts: int) -> "DirMoEConfig":
         """A copy with what depends on the number of experts E resolved: the fine-grained
         defaults (`aux_loss_coeff`, then `count_control_on`, where left at None) and the
@@ -505,12 +517,8 @@ class DirMoEConfig:
         from megatron_dirmoe import calibration
 
         changes: dict[str, Any] = {}
-        coeff = self.aux_loss_coeff
-        if coeff is None:
-            # Only the calibrated recipe leaves it open (the paper recipes' is 0).
-            fine_grained = (num_experts >= FINE_GRAINED_EXPERTS
-                            and self.target_k >= FINE_GRAINED_MIN_K)
-            coeff = FINE_GRAINED_AUX_LOSS_COEFF if self.renormalize and fine_grained else 0.0
+        coeff = self.aux_loss_coeff_for(num_experts)
+        if self.aux_loss_coeff is None:
             changes["aux_loss_coeff"] = coeff
         if self.count_control_on is None:
             # Next to an aux loss a count of routed experts can leave every token of a layer on
@@ -678,11 +686,9 @@ def dirmoe_config_from_args(args: argparse.Namespace,
             config = config.with_schedule_horizon(args.train_iters)
     if num_experts is not None:
         config = config.validate_for(num_experts).calibrated_for(num_experts)
-    # The scores feed an aux loss only: without one the flag would do nothing. The router's own
-    # coefficient is unknown here only at k >= 4 without E.
-    own_aux = config.aux_loss_coeff
-    if own_aux is None and not (config.renormalize and config.target_k >= FINE_GRAINED_MIN_K):
-        own_aux = 0.0
+    # The scores feed an aux loss only: without one the flag would do nothing (the router's own
+    # weight is unknown here only when it depends on an E not given).
+    own_aux = config.aux_loss_coeff_for(num_experts)
     if "aux_loss_scores" in given and megatron_aux is False and own_aux == 0.0:
         raise ValueError(
             f"{flag_name('aux_loss_scores')} has no effect without an aux loss: "
