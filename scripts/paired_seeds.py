@@ -3,8 +3,9 @@
 `compare_routers.py` pairs DirMoE with TopK inside one comparison. A probe (the same router with
 other flags after `--`) lands in its own `--work` directory under the same router name; this
 pairs it with the reference runs of the same seeds and prints the mean difference ± standard
-error of held-out loss and OOD effective experts, the per-seed values, and each side's
-effective experts per MoE layer (mean over seeds, held-out and OOD):
+error of held-out loss and OOD effective experts, the per-seed values, each side's effective
+experts per MoE layer (mean over seeds, held-out and OOD) and, for DirMoE, its count, its
+least-loaded expert and its fallback share at the end:
 
     python scripts/paired_seeds.py runs/compare/probe:dirmoe-k4 runs/compare/default:dirmoe-k4
 
@@ -61,6 +62,40 @@ def _fallback_curve(record: dict) -> list[float]:
         return []
     return [sum(row["dirmoe/fallback_frac"]) / len(row["dirmoe/fallback_frac"])
             for row in history]
+
+
+def _count_curve(record: dict) -> list[float]:
+    """DirMoE's realised experts per token per training step, mean over MoE layers; [] for a
+    router that routes exactly k."""
+    history = record.get("history") or []
+    if not history or not all(row.get("dirmoe/active_experts") for row in history):
+        return []
+    return [sum(row["dirmoe/active_experts"]) / len(row["dirmoe/active_experts"])
+            for row in history]
+
+
+def routing_end(runs: dict[int, dict], compare) -> str:
+    """Count in training (last 10% of steps) and held out, the least-loaded expert / uniform
+    (mean over seeds, and the lowest seed), the fallback share at the end, and the count's
+    standard deviation over the last 100 training steps (mean over seeds): DirMoE only."""
+    records = list(runs.values())
+    if not all(r.get("dirmoe") for r in records):
+        return ""
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values)
+    def spread(curve):
+        tail = curve[-100:]
+        m = mean(tail)
+        return (sum((c - m) ** 2 for c in tail) / len(tail)) ** 0.5
+    lowest = [compare._min_expert_load(r) for r in records]
+    curves = [_count_curve(r) for r in records]
+    return (f"count train {mean(r['train_active_end'] for r in records):.3f} (held out "
+            f"{mean(mean(l['active_experts'] for l in r['layers']) for r in records):.3f}, "
+            f"standard deviation over the last 100 steps "
+            + (f"{mean(spread(c) for c in curves):.3f}" if all(curves) else "n/a")
+            + f"), least-loaded expert {mean(lowest):.2f} (lowest seed {min(lowest):.2f}), "
+            f"fallback at the end {mean(r['fallback_end'] for r in records):.3f}")
 
 
 def window_gaps(runs: dict[int, dict], reference: dict[int, dict], seeds: list[int],
@@ -128,6 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
               + " / ".join(f"{v:.2f}" for v in layer_means(common, "layers"))
               + (", OOD " + " / ".join(f"{v:.2f}" for v in layer_means(common, "ood"))
                  if all(r.get("ood") for r in seeds) else ""))
+        end = routing_end(common, compare)
+        if end:
+            print(f"    {end}")
     if opts.windows:
         print("  training loss gap by window of steps (mean ± standard error), effective "
               "experts of each side")

@@ -158,7 +158,11 @@ def test_paired_seeds_pairs_two_work_folders(tmp_path, capsys):
     stats = paired.main([f"{tmp_path / 'probe'}:d2", f"{tmp_path / 'ref'}:d2"])
     assert stats["seeds"] == [1, 2]
     assert stats["heldout_loss"]["per_seed"] == pytest.approx([-0.10, 0.10])
-    assert "held-out loss (lower is better): +0.000 ± 0.100" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "held-out loss (lower is better): +0.000 ± 0.100" in out
+    # DirMoE's routing at the end, per side (no training history here: no count spread).
+    assert ("count train 2.000 (held out 2.000, standard deviation over the last 100 steps "
+            "n/a), least-loaded expert 1.00 (lowest seed 1.00), fallback at the end 0.000") in out
     with pytest.raises(SystemExit, match="no records"):
         paired.main([f"{tmp_path / 'probe'}:d3", f"{tmp_path / 'ref'}:d2"])
     with pytest.raises(SystemExit, match="--windows"):  # the records above hold no history
