@@ -27,7 +27,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import Router, TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_dirmoe.config import DirMoEConfig
+from megatron_dirmoe.config import PARTIAL_FALLBACK_SHARE, DirMoEConfig
 from megatron_dirmoe.metrics import METRIC_NAMES, record_routing_row
 from megatron_dirmoe.routing import (
     balance_penalty,
@@ -112,8 +112,13 @@ class DirichletRouter(Router):
         else:
             self.count_bias = None
         self.count_sums = torch.zeros(2, dtype=torch.float32)
-        # `DirMoEConfig.count_control_on`: whether a fallback token counts its fallback experts.
-        self._count_gates_only = self.dirmoe_config.count_control_on == "gates"
+        # `DirMoEConfig.count_control_gain`: 0 steps c by the sign of the miss, > 0 in
+        # proportion to it (resolved with E; a config never resolved steps by the sign).
+        self.count_control_gain = self.dirmoe_config.count_control_gain or 0.0
+        # `DirMoEConfig.count_control_on`: how many of its fallback experts a token on the
+        # fallback counts (all of them, none, or 3/4).
+        self._fallback_counted = {"routed": 1.0, "gates": 0.0, "partial": PARTIAL_FALLBACK_SHARE}[
+            self.dirmoe_config.count_control_on or "routed"]
         self._fallback_k = self.dirmoe_config.fallback_k
         # The load controller (`DirMoEConfig.load_control_rate`): b [E], the same kind of
         # buffer, and this step's routed tokens per expert.
@@ -152,9 +157,10 @@ class DirichletRouter(Router):
                 "count controller on routed experts can stop the gates from routing: in the "
                 "cpu-fine and cpu-fine-shared comparisons three of four layers sent every token to "
                 "the top-k fallback (dirmoe/fallback_frac 1.0), i.e. routed as TopK routers, on pi "
-                "and on the posterior mean alike. Add --dirmoe-count-control-on gates (the count "
-                "controller then sees the fallback and hands the tokens back to the gates; the "
-                "default wherever --dirmoe-aux-loss-coeff > 0) and watch dirmoe/fallback_frac",
+                "and on the posterior mean alike. Add --dirmoe-count-control-on partial (the "
+                "count controller then sees the fallback and hands the tokens back to the gates; "
+                "the default wherever --dirmoe-aux-loss-coeff > 0) and watch "
+                "dirmoe/fallback_frac",
                 stacklevel=2)
         if config.moe_router_enable_expert_bias:
             # DirMoE has its own expert bias, stepped with the count controller in one
@@ -309,10 +315,10 @@ class DirichletRouter(Router):
                 if self.count_sums.device != stats.device:
                     self.count_sums = self.count_sums.to(stats.device)
                 routed = stats[1]
-                if self._count_gates_only:
+                if self._fallback_counted < 1.0:
                     # A fallback token routes to exactly fallback_k experts that its gates
-                    # did not choose: count 0 for it.
-                    routed = routed - self._fallback_k * stats[3]
+                    # did not choose: count only a share of them ('gates' 0, 'partial' 3/4).
+                    routed = routed - (1.0 - self._fallback_counted) * self._fallback_k * stats[3]
                 self.count_sums += torch.stack([routed, stats[0]]).float()  # (routed, tokens)
             if self.load_bias is not None:
                 if self.load_sums.device != load_E.device:
@@ -757,7 +763,8 @@ def iter_dirichlet_routers(model) -> Iterable[DirichletRouter]:
 def update_count_control(model) -> int:
     """One step of every routing controller in `model` (a module or a list of chunks).
 
-    The count controller's c moves by +-rate towards a mean of k routed experts per token, and
+    The count controller's c moves by +-rate towards a mean of k routed experts per token (in
+    proportion to the miss below a miss of k / `count_control_gain`, where that gain is > 0), and
     the load controller's b_i by +-rate towards the mean expert's routed tokens (up for an
     expert below it, down above), both over this step's training forwards summed over the
     tensor-, data- and context-parallel ranks: one all-reduce for all layers and both
@@ -784,15 +791,20 @@ def update_count_control(model) -> int:
                 and group is not None and group.size() > 1):
             torch.distributed.all_reduce(flat, group=group)
         # Sign rules: a fixed step whatever the size of the miss (so a burst of undecided gates
-        # early in training cannot wind a bias up), and none without tokens (sign(0) = 0). No
-        # host synchronisation.
+        # early in training cannot wind a bias up), and none without tokens (sign(0) = 0); the
+        # count's proportional step is capped at the same size. No host synchronisation.
         offset = 0
         for router in routers:
             router._controller_buffers_fp32()
             if router.count_bias is not None:
                 routed, tokens = flat[offset], flat[offset + 1]
                 offset += 2
-                step = torch.sign(router.dirmoe_config.target_k * tokens - routed)
+                wanted = router.dirmoe_config.target_k * tokens
+                if router.count_control_gain > 0:
+                    step = (router.count_control_gain * (wanted - routed)
+                            / wanted.clamp(min=1.0)).clamp(-1.0, 1.0)
+                else:
+                    step = torch.sign(wanted - routed)
                 router.count_bias.add_(step * router.count_control_rate)
                 router.count_sums.zero_()
             if router.load_bias is not None:

@@ -39,6 +39,7 @@ NON_DEFAULT = {
     "count_weight": "0.3",
     "count_control_rate": "0.05",
     "count_control_on": "gates",
+    "count_control_gain": "2.5",
     "load_control_rate": "0.02",
     "balance_weight": "0.2",
     "recon_variance": "2",

@@ -60,7 +60,7 @@ def test_calibrated_recipe_defaults_depend_on_k():
 
 @pytest.mark.parametrize("num_experts, k, coeff, count_on", [
     (8, 2, 0.0, "routed"), (16, 4, 0.0, "routed"), (31, 4, 0.0, "routed"),
-    (32, 4, 0.03, "gates"), (64, 8, 0.03, "gates"), (256, 8, 0.03, "gates"),
+    (32, 4, 0.03, "partial"), (64, 8, 0.03, "partial"), (256, 8, 0.03, "partial"),
     (256, 3, 0.0, "routed"), (32, 2, 0.0, "routed"),  # the count ran 13% over k at k = 2
     (64, 1, 0.0, "routed"),  # k = 1 keeps its balance term
 ])
@@ -74,14 +74,22 @@ def test_fine_grained_defaults_depend_on_the_number_of_experts(num_experts, k, c
     resolved = cfg.calibrated_for(num_experts)
     assert resolved.aux_loss_coeff == pytest.approx(coeff)
     assert resolved.count_control_on == count_on
+    # The gates' count is stepped in proportion to its miss, the routed count by its sign.
+    assert cfg.count_control_gain is None
+    assert resolved.count_control_gain == (4.0 if count_on == "partial" else 0.0)
     assert resolved.calibrated_for(num_experts) == resolved
     assert DirMoEConfig(**dataclasses.asdict(resolved)) == resolved  # stored, then rebuilt
     given = DirMoEConfig(target_k=k, aux_loss_coeff=0.01, count_control_on="routed")
     assert (given.calibrated_for(num_experts).aux_loss_coeff,
-            given.calibrated_for(num_experts).count_control_on) == (0.01, "routed")
+            given.calibrated_for(num_experts).count_control_on,
+            given.calibrated_for(num_experts).count_control_gain) == (0.01, "routed", 0.0)
+    assert DirMoEConfig(target_k=k, count_control_gain=1.5).calibrated_for(
+        num_experts).count_control_gain == 1.5
     # An aux loss given below 32 experts counts the gates too, unless told otherwise.
     assert DirMoEConfig(target_k=k, aux_loss_coeff=0.01).calibrated_for(
-        num_experts).count_control_on == "gates"
+        num_experts).count_control_on == "partial"
+    gates = DirMoEConfig(target_k=k, count_control_on="gates").calibrated_for(num_experts)
+    assert gates.count_control_gain == 4.0
     off = DirMoEConfig(target_k=k, aux_loss_coeff=0.0).calibrated_for(num_experts)
     assert (off.aux_loss_coeff, off.count_control_on) == (0.0, "routed")
     # The paper recipes have no aux loss of their own, at any E.
@@ -221,11 +229,12 @@ def test_stored_config_wins_and_older_checkpoints_keep_their_recipe():
     # read the gate probabilities, whatever its number of experts.
     before_aux = dataclasses.asdict(DirMoEConfig(target_k=2, schedule_iters=50))
     del before_aux["aux_loss_coeff"], before_aux["aux_loss_scores"]
+    del before_aux["count_control_gain"]
     before_aux["count_control_on"] = "routed"
     args.dirmoe_config, args.num_experts = before_aux, 32
     resumed = dirmoe_config_from_args(args)
-    assert (resumed.aux_loss_coeff, resumed.aux_loss_scores, resumed.count_control_on) == (
-        0.0, "gates", "routed")
+    assert (resumed.aux_loss_coeff, resumed.aux_loss_scores, resumed.count_control_on,
+            resumed.count_control_gain) == (0.0, "gates", "routed", 0.0)
     args.num_experts = 8
     # Today's stored configs round-trip as they are.
     args.dirmoe_config = dataclasses.asdict(DirMoEConfig(recipe="paper", schedule_iters=5))

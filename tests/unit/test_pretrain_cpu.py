@@ -266,8 +266,14 @@ def test_resume_check_names_new_defaults_and_refuses_controllers_without_state()
     fine_k4 = dataclasses.asdict(DirMoEConfig(target_k=4, schedule_iters=10).calibrated_for(32))
     assert {"--dirmoe-aux-loss-coeff 0.0 -> 0.03",
             "--dirmoe-aux-loss-scores 'gates' -> 'posterior-mean'",
-            "--dirmoe-count-control-on 'routed' -> 'gates'"} <= set(
+            "--dirmoe-count-control-on 'routed' -> 'partial'",
+            "--dirmoe-count-control-gain 0.0 -> 4.0"} <= set(
         dirmoe_config_changes(dict(k2, target_k=4), fine_k4))
+    # One from the release that counted a fallback token 0 and stepped c by the sign rule.
+    gates_k4 = dict(fine_k4, count_control_on="gates")
+    del gates_k4["count_control_gain"]
+    assert {c for c in dirmoe_config_changes(gates_k4, fine_k4) if "count-control" in c} == {
+        "--dirmoe-count-control-on 'gates' -> 'partial'", "--dirmoe-count-control-gain 0.0 -> 4.0"}
     small_k2 = dataclasses.asdict(DirMoEConfig(target_k=2, schedule_iters=10).calibrated_for(8))
     assert not [c for c in dirmoe_config_changes(k2, small_k2)
                 if "aux-loss-coeff" in c or "count-control-on" in c]

@@ -332,7 +332,7 @@ def test_aux_loss_next_to_gate_routing_warns_once(router_factory, monkeypatch):
         warnings.simplefilter("always")  # counting the gates' own choice ends the fallback
         router_factory(aux, target_k=2, count_control_on="gates")
     assert not [w for w in caught if "fallback_frac" in str(w.message)]
-    with pytest.warns(UserWarning, match="--dirmoe-count-control-on gates.*fallback_frac"):
+    with pytest.warns(UserWarning, match="--dirmoe-count-control-on partial.*fallback_frac"):
         router_factory(aux, target_k=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -340,7 +340,7 @@ def test_aux_loss_next_to_gate_routing_warns_once(router_factory, monkeypatch):
     assert not [w for w in caught if "fallback_frac" in str(w.message)]
     # The router's own aux loss with the count held on routed experts warns the same.
     monkeypatch.setattr(router_module, "_WARNED_AUX_WITH_GATES", False)
-    with pytest.warns(UserWarning, match="--dirmoe-aux-loss-coeff.*count-control-on gates"):
+    with pytest.warns(UserWarning, match="--dirmoe-aux-loss-coeff.*count-control-on partial"):
         router_factory(target_k=2, aux_loss_coeff=1e-2, count_control_on="routed")
 
 
@@ -348,14 +348,16 @@ def test_aux_loss_next_to_gate_routing_warns_once(router_factory, monkeypatch):
     (8, 4, 0.0), (16, 4, 0.0), (32, 2, 0.0), (32, 4, 0.03), (64, 8, 0.03)])
 def test_router_resolves_the_fine_grained_defaults(router_factory, num_experts, k, coeff):
     """From 32 experts and k = 4 on, a router of the default recipe has its own aux loss (0.03
-    on the posterior mean) and counts the gates' own choice; otherwise neither."""
+    on the posterior mean), and its count controller counts the gates' own choice with a
+    fallback token at 3k/4 and steps in proportion to the miss; otherwise none of these."""
     router = router_factory({"num_moe_experts": num_experts}, target_k=k)
     assert router.aux_loss_coeff == pytest.approx(coeff)
     assert router.dirmoe_config.aux_loss_coeff == pytest.approx(coeff)
-    assert router._count_gates_only == (coeff > 0)
+    assert (router._fallback_counted, router.count_control_gain) == (
+        (0.75, 4.0) if coeff > 0 else (1.0, 0.0))
     assert router._static_kwargs["aux_scores"] == ("posterior-mean" if coeff else "gates")
     off = router_factory({"num_moe_experts": num_experts}, target_k=k, aux_loss_coeff=0.0)
-    assert (off.aux_loss_coeff, off._count_gates_only) == (0.0, False)
+    assert (off.aux_loss_coeff, off._fallback_counted, off.count_control_gain) == (0.0, 1.0, 0.0)
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -124,6 +124,29 @@ def test_controller_steps_c_towards_k_once_per_optimizer_step(make_router):
     torch.testing.assert_close(router.count_bias, torch.tensor([-rate]))
 
 
+def test_count_control_gain_steps_c_in_proportion_to_the_miss(make_router):
+    """`count_control_gain` g > 0: c moves by rate * clamp(g * (k - n) / k, -1, 1), a full step
+    from a miss of k / g on; g = 0 is the sign rule (a full step for any miss)."""
+    from megatron_dirmoe.router import update_count_control
+
+    k, tokens = 2, 100.0
+    # (gain, mean count n) -> the step in units of rate.
+    cases = {(4.0, 2.1): -0.2, (4.0, 1.95): 0.1, (4.0, 1.0): 1.0, (4.0, 3.0): -1.0,
+             (4.0, 2.0): 0.0, (0.0, 2.1): -1.0, (0.0, 1.95): 1.0, (2.5, 1.5): 0.625}
+    for (gain, count), expected in cases.items():
+        router = make_router(target_k=k, count_control_gain=gain)
+        assert router.count_control_gain == gain
+        router.count_sums = torch.tensor([count * tokens, tokens])
+        update_count_control(router)
+        rate = router.count_control_rate
+        assert router.count_bias.item() == pytest.approx(expected * rate, abs=1e-7), (gain, count)
+    # The resolved default: proportional where the controller counts the gates' choice.
+    assert make_router(target_k=2).count_control_gain == 0.0
+    assert make_router(target_k=2, count_control_on="gates").count_control_gain == 4.0
+    with pytest.raises(ValueError, match="--dirmoe-count-control-gain"):
+        DirMoEConfig(count_control_gain=-1.0)
+
+
 def test_c_is_checkpointed_in_fp32_and_absent_without_a_controller(make_router):
     router = make_router(target_k=2)
     with torch.no_grad():
@@ -233,28 +256,31 @@ def test_a_per_expert_route_bias_moves_each_experts_decision_only():
 def test_count_controller_on_the_gates_sees_the_fallback(make_router):
     """While every token rides the top-k fallback the routed count is exactly k, so the
     default controller (`count_control_on` 'routed') stays put; counting only what the gates
-    chose ('gates') sees 0 experts per token and raises c from the first step."""
+    chose ('gates') sees 0 experts per token, and 'partial' 3k/4, and both raise c by a full
+    step from the first one (the miss of 'partial', k/4, is where its gain of 4 saturates)."""
     from megatron_dirmoe.router import update_count_control
 
     hidden = torch.randn(16, 2, H)
     moved = {}
-    for on in ("routed", "gates"):
+    for on, counted in (("routed", 64.0), ("gates", 0.0), ("partial", 48.0)):
         router = make_router(target_k=2, count_control_on=on)
         with torch.no_grad():
             router.spike_bias.fill_(-50.0)  # no gate passes: every token on the fallback
         routing_map = _train_forward(router, hidden)
         assert routing_map.sum(-1).tolist() == [2] * 32  # fallback_k = k experts each
-        assert router.count_sums.tolist() == [64.0 if on == "routed" else 0.0, 32.0]
+        assert router.count_sums.tolist() == [counted, 32.0]
         update_count_control(router)
         moved[on] = router.count_bias.item()
     rate = DirMoEConfig(target_k=2).count_control_rate
-    assert moved == {"routed": 0.0, "gates": pytest.approx(rate)}
-    # Tokens whose gates chose their experts count them under both settings.
-    router = make_router(target_k=2, count_control_on="gates")
-    with torch.no_grad():
-        router.spike_bias.copy_(torch.tensor([50.0, 50.0, 50.0] + [-50.0] * (E - 3)))
-    _train_forward(router, hidden)
-    assert router.count_sums.tolist() == [96.0, 32.0]
+    assert moved == {"routed": 0.0, "gates": pytest.approx(rate),
+                     "partial": pytest.approx(rate)}
+    # Tokens whose gates chose their experts count them under every setting.
+    for on in ("gates", "partial"):
+        router = make_router(target_k=2, count_control_on=on)
+        with torch.no_grad():
+            router.spike_bias.copy_(torch.tensor([50.0, 50.0, 50.0] + [-50.0] * (E - 3)))
+        _train_forward(router, hidden)
+        assert router.count_sums.tolist() == [96.0, 32.0]
     with pytest.raises(ValueError, match="--dirmoe-count-control-on"):
         DirMoEConfig(count_control_on="fallback")
     with pytest.raises(ValueError, match="--dirmoe-aux-loss-scores"):
