@@ -74,6 +74,9 @@ FINE_GRAINED_AUX_LOSS_COEFF = 3e-2
 # +1.3% and +2.0% with these, the loss unchanged).
 PARTIAL_FALLBACK_SHARE = 0.75
 GATES_COUNT_CONTROL_GAIN = 4.0
+# Per `count_control_on` value: the share of its k fallback experts that a token on the top-k
+# fallback counts for the count controller (below 1: the controller counts the gates' choice).
+FALLBACK_COUNTED = {"routed": 1.0, "gates": 0.0, "partial": PARTIAL_FALLBACK_SHARE}
 
 # Fields added after runs first stored their resolved config, with the value those runs used:
 # a checkpoint without `recipe` trained with the notes-literal recipe (then called "paper").
@@ -369,7 +372,7 @@ class DirMoEConfig:
             bad("unnormalized_weight", "'sigmoid' or 'posterior-mean'")
         if self.aux_loss_coeff is not None:  # None: resolved with E (`calibrated_for`)
             non_negative("aux_loss_coeff")
-        if self.count_control_on not in (None, "routed", "gates", "partial"):
+        if self.count_control_on not in (None, *FALLBACK_COUNTED):
             bad("count_control_on", "'routed', 'gates' or 'partial'")
         if self.aux_loss_scores not in ("gates", "posterior-mean"):
             bad("aux_loss_scores", "'gates' or 'posterior-mean'")
@@ -555,7 +558,7 @@ class DirMoEConfig:
             # tail: the sign rule held its median at k and its mean 3-8% over.
             count_on = changes.get("count_control_on", self.count_control_on)
             changes["count_control_gain"] = (GATES_COUNT_CONTROL_GAIN
-                                             if count_on in ("gates", "partial") else 0.0)
+                                             if FALLBACK_COUNTED[count_on] < 1.0 else 0.0)
         if (self.prior_simpson, self.prior_mass_variance, self.posterior_simpson) == (None,) * 3:
             return dataclasses.replace(self, **changes) if changes else self
         ratio = self.prior_ratio_for(num_experts)

@@ -27,7 +27,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import Router, TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_dirmoe.config import PARTIAL_FALLBACK_SHARE, DirMoEConfig
+from megatron_dirmoe.config import FALLBACK_COUNTED, DirMoEConfig
 from megatron_dirmoe.metrics import METRIC_NAMES, record_routing_row
 from megatron_dirmoe.routing import (
     balance_penalty,
@@ -115,10 +115,9 @@ class DirichletRouter(Router):
         # `DirMoEConfig.count_control_gain`: 0 steps c by the sign of the miss, > 0 in
         # proportion to it (resolved with E; a config never resolved steps by the sign).
         self.count_control_gain = self.dirmoe_config.count_control_gain or 0.0
-        # `DirMoEConfig.count_control_on`: how many of its fallback experts a token on the
+        # `DirMoEConfig.count_control_on`: the share of its fallback experts that a token on the
         # fallback counts (all of them, none, or 3/4).
-        self._fallback_counted = {"routed": 1.0, "gates": 0.0, "partial": PARTIAL_FALLBACK_SHARE}[
-            self.dirmoe_config.count_control_on or "routed"]
+        self._fallback_counted = FALLBACK_COUNTED[self.dirmoe_config.count_control_on or "routed"]
         self._fallback_k = self.dirmoe_config.fallback_k
         # The load controller (`DirMoEConfig.load_control_rate`): b [E], the same kind of
         # buffer, and this step's routed tokens per expert.

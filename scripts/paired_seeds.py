@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -54,24 +55,19 @@ def layer_means(runs: dict[int, dict], part: str) -> list[float]:
             for i in range(len(per_seed[0]))]
 
 
+def _layer_mean_curve(record: dict, metric: str) -> list[float]:
+    """A DirMoE metric (`dirmoe/<metric>`) per training step, mean over MoE layers; [] for a
+    router that does not log it (TopK routes exactly k and has no fallback)."""
+    history = record.get("history") or []
+    key = f"dirmoe/{metric}"
+    if not history or not all(row.get(key) for row in history):
+        return []
+    return [statistics.fmean(row[key]) for row in history]
+
+
 def _fallback_curve(record: dict) -> list[float]:
-    """Share of tokens on DirMoE's top-k fallback per training step, mean over MoE layers; []
-    for a router without one."""
-    history = record.get("history") or []
-    if not history or not all(row.get("dirmoe/fallback_frac") for row in history):
-        return []
-    return [sum(row["dirmoe/fallback_frac"]) / len(row["dirmoe/fallback_frac"])
-            for row in history]
-
-
-def _count_curve(record: dict) -> list[float]:
-    """DirMoE's realised experts per token per training step, mean over MoE layers; [] for a
-    router that routes exactly k."""
-    history = record.get("history") or []
-    if not history or not all(row.get("dirmoe/active_experts") for row in history):
-        return []
-    return [sum(row["dirmoe/active_experts"]) / len(row["dirmoe/active_experts"])
-            for row in history]
+    """Share of tokens on DirMoE's top-k fallback per training step, mean over MoE layers."""
+    return _layer_mean_curve(record, "fallback_frac")
 
 
 def routing_end(runs: dict[int, dict], compare) -> str:
@@ -81,19 +77,14 @@ def routing_end(runs: dict[int, dict], compare) -> str:
     records = list(runs.values())
     if not all(r.get("dirmoe") for r in records):
         return ""
-    def mean(values):
-        values = list(values)
-        return sum(values) / len(values)
-    def spread(curve):
-        tail = curve[-100:]
-        m = mean(tail)
-        return (sum((c - m) ** 2 for c in tail) / len(tail)) ** 0.5
+    mean = statistics.fmean
     lowest = [compare._min_expert_load(r) for r in records]
-    curves = [_count_curve(r) for r in records]
+    curves = [_layer_mean_curve(r, "active_experts") for r in records]
     return (f"count train {mean(r['train_active_end'] for r in records):.3f} (held out "
             f"{mean(mean(l['active_experts'] for l in r['layers']) for r in records):.3f}, "
             f"standard deviation over the last 100 steps "
-            + (f"{mean(spread(c) for c in curves):.3f}" if all(curves) else "n/a")
+            + (f"{mean(statistics.pstdev(c[-100:]) for c in curves):.3f}" if all(curves)
+               else "n/a")
             + f"), least-loaded expert {mean(lowest):.2f} (lowest seed {min(lowest):.2f}), "
             f"fallback at the end {mean(r['fallback_end'] for r in records):.3f}")
 
