@@ -85,12 +85,14 @@ FALLBACK_COUNTED = {"routed": 1.0, "gates": 0.0, "partial": PARTIAL_FALLBACK_SHA
 # One without `unnormalized_weight` weighted a single expert by its posterior mean share; one
 # without `count_control_on` counted routed experts, and one without `aux_loss_scores` gave
 # Megatron's aux loss the gate probabilities; one without `aux_loss_coeff` had no aux loss of
-# the router's own; one without `count_control_gain` stepped c by the sign rule.
+# the router's own; one without `count_control_gain` stepped c by the sign rule; one without
+# `load_control_floor` stepped b toward the mean load.
 IMPLICIT_IN_OLDER_CHECKPOINTS = {"recipe": "paper-notes", "slab_mean": "head",
                                  "count_control_rate": 0.0, "load_control_rate": 0.0,
                                  "unnormalized_weight": "posterior-mean",
                                  "count_control_on": "routed", "aux_loss_scores": "gates",
-                                 "aux_loss_coeff": 0.0, "count_control_gain": 0.0}
+                                 "aux_loss_coeff": 0.0, "count_control_gain": 0.0,
+                                 "load_control_floor": 1.0}
 # A stored config without this field predates the three-head "paper" recipe: its "paper" is
 # today's "paper-notes".
 _FIELD_OF_THREE_HEAD_RELEASE = "tau_schedule"
@@ -263,16 +265,30 @@ class DirMoEConfig:
         "recipe 'calibrated' only: step of the per-expert load controller (DeepSeek-V3's "
         "auxiliary-loss-free balancing, on the routing decision). Expert i is routed where "
         "l_i + c + b_i >= 0; after every optimizer step b_i moves up by this step when expert i "
-        "received fewer routed tokens than the mean expert in the global batch and down when "
-        "more. Like c, b only moves the routing decision. >= 0; default 0.03 when the weights "
-        "are renormalised (k >= 2), where it replaces the balance term, and 0 (off) at k = 1",
+        "received fewer routed tokens than --dirmoe-load-control-floor times the mean expert's "
+        "in the global batch, and down when more. Like c, b only moves the routing decision. "
+        ">= 0; default 0.03 when the weights are renormalised (k >= 2), where it replaces the "
+        "balance term, and 0 (off) at k = 1",
         default=None,
+    )
+    load_control_floor: float = _doc(
+        "recipe 'calibrated' only: the share of the mean expert load that the load controller "
+        "steers toward. 1: every expert toward the mean load (b_i up when below it, down when "
+        "above); the balance term is then off by default. Below 1: a floor only, b_i >= 0 "
+        "rises while expert i gets less than this share of the mean load and falls back to 0 "
+        "once it gets more, so the controller lifts starved experts and leaves the rest of "
+        "the balancing to the balance term (--dirmoe-balance-weight, then 0.1 by default). For "
+        "k = 1, where the load controller is off by default, --dirmoe-load-control-rate 0.03 "
+        "--dirmoe-load-control-floor 0.5 lifts an expert that the balance term leaves starved "
+        "(docs/ROUTER_COMPARISON.md, step 10). In (0, 1]",
+        default=1.0,
     )
     balance_weight: Optional[float] = _doc(
         "recipe 'calibrated' only: weight beta_z of the aggregate spike prior "
         "sum_e KL(Bern(k/E) || Bern(mean_t pi_te)) over each micro-batch's tokens (balances the "
         "load; prior first, so a gate that never fires still gets a gradient); >= 0. Default "
-        "0.1 without the load controller (k = 1), 0 with it",
+        "0 where the load controller steers every expert toward the mean load (k >= 2), else "
+        "0.1",
         default=None,
     )
     aux_loss_coeff: Optional[float] = _doc(
@@ -364,6 +380,9 @@ class DirMoEConfig:
             non_negative(name)
         if self.count_control_gain is not None:  # None: resolved with the count (`calibrated_for`)
             non_negative("count_control_gain")
+        if not (isinstance(self.load_control_floor, (int, float))
+                and 0.0 < self.load_control_floor <= 1.0):
+            bad("load_control_floor", "the half-open interval (0, 1]")
         if self.prior_scale_schedule not in ("cosine", "exponential"):
             bad("prior_scale_schedule", "'cosine' or 'exponential'")
         if self.slab_mean not in ("gate", "head"):
@@ -441,10 +460,12 @@ class DirMoEConfig:
                                       else 0.0 if resolved("count_control_rate") else 0.01)
         if values["load_control_rate"] is None:
             # At k = 1 the load controller trained worse models than the balance term
-            # (docs/ROUTER_COMPARISON.md, step 6).
+            # (docs/ROUTER_COMPARISON.md, steps 6 and 10).
             values["load_control_rate"] = 3e-2 if renormalize else 0.0
         if values["balance_weight"] is None:
-            values["balance_weight"] = 0.0 if resolved("load_control_rate") else 0.1
+            # A floor-only load controller leaves the balancing to the balance term.
+            two_sided = resolved("load_control_rate") and self.load_control_floor == 1.0
+            values["balance_weight"] = 0.0 if two_sided else 0.1
         for name, value in values.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -698,8 +719,8 @@ def dirmoe_config_from_args(args: argparse.Namespace,
         config = DirMoEConfig(**given)
         # A flag that the chosen recipe ignores is a mistake worth stopping for.
         calibrated_only = ("balance_weight", "count_weight", "slab_mean", "count_control_rate",
-                           "load_control_rate", "unnormalized_weight", "count_control_on",
-                           "count_control_gain")
+                           "load_control_rate", "load_control_floor", "unnormalized_weight",
+                           "count_control_on", "count_control_gain")
         ignored = {"paper": calibrated_only, "paper-notes": calibrated_only,
                    "calibrated": ("route_threshold", "sparsity_weight")}[config.recipe]
         for name in ignored:
@@ -718,6 +739,10 @@ def dirmoe_config_from_args(args: argparse.Namespace,
             if calibrator in given and target in given:
                 raise ValueError(f"{flag_name(calibrator)} sets {flag_name(target)}; give one "
                                  "of the two")
+        if "load_control_floor" in given and config.effective_load_control_rate == 0.0:
+            raise ValueError(f"{flag_name('load_control_floor')} has no effect without the load "
+                             f"controller: give {flag_name('load_control_rate')} > 0 too (it "
+                             "is off by default at k = 1)")
         if getattr(args, "train_iters", None):
             config = config.with_schedule_horizon(args.train_iters)
     if num_experts is not None:

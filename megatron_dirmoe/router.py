@@ -120,8 +120,10 @@ class DirichletRouter(Router):
         self._fallback_counted = FALLBACK_COUNTED[self.dirmoe_config.count_control_on or "routed"]
         self._fallback_k = self.dirmoe_config.fallback_k
         # The load controller (`DirMoEConfig.load_control_rate`): b [E], the same kind of
-        # buffer, and this step's routed tokens per expert.
+        # buffer, and this step's routed tokens per expert; below a floor of 1 it only lifts
+        # starved experts (`DirMoEConfig.load_control_floor`).
         self.load_control_rate = self.dirmoe_config.effective_load_control_rate
+        self.load_control_floor = self.dirmoe_config.load_control_floor
         if self.load_control_rate > 0:
             self.register_buffer("load_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
@@ -809,8 +811,11 @@ def update_count_control(model) -> int:
             if router.load_bias is not None:
                 load_E = flat[offset:offset + router.num_experts]
                 offset += router.num_experts
-                router.load_bias.add_(torch.sign(load_E.mean() - load_E)
-                                      * router.load_control_rate)
+                router.load_bias.add_(torch.sign(router.load_control_floor * load_E.mean()
+                                                 - load_E) * router.load_control_rate)
+                if router.load_control_floor < 1.0:
+                    # A floor only: b never pushes an expert below its gates' own choice.
+                    router.load_bias.clamp_(min=0.0)
                 router.load_sums.zero_()
             router._counting_since = None
     return len(routers)

@@ -236,7 +236,7 @@ _IMPLICIT_IN_OLDER_CHECKPOINTS = {
     **{name: IMPLICIT_IN_OLDER_CHECKPOINTS[name]
        for name in ("count_control_rate", "load_control_rate", "unnormalized_weight",
                     "count_control_on", "aux_loss_scores", "aux_loss_coeff",
-                    "count_control_gain")},
+                    "count_control_gain", "load_control_floor")},
 }
 # Routing controllers and the buffer that holds their state in the checkpoint.
 _CONTROLLER_BUFFERS = {"count_control_rate": "count_bias", "load_control_rate": "load_bias"}

@@ -41,6 +41,7 @@ NON_DEFAULT = {
     "count_control_on": "gates",
     "count_control_gain": "2.5",
     "load_control_rate": "0.02",
+    "load_control_floor": "0.7",
     "balance_weight": "0.2",
     "recon_variance": "2",
     "leak": "0.01",
@@ -85,6 +86,9 @@ def test_every_field_reachable_from_the_cli(name):
         kwargs["recipe"] = "paper"
     if name == "aux_loss_scores":  # what Megatron's aux loss reads: needs that loss on
         argv += ["--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2"]
+    if name == "load_control_floor":  # a setting of the load controller, on from k = 2
+        argv += ["--dirmoe-target-k", "2"]
+        kwargs["target_k"] = 2
     if name == "tau_decay":  # a parameter of the exponential schedule only
         argv += ["--dirmoe-tau-schedule", "exponential"]
         kwargs["tau_schedule"] = "exponential"
@@ -109,6 +113,9 @@ def test_every_field_reachable_from_the_cli(name):
         (["--dirmoe-recipe", "paper", "--dirmoe-balance-weight", "0.2"], "--dirmoe-balance-weight"),
         (["--dirmoe-recipe", "topk"], "--dirmoe-recipe"),
         (["--dirmoe-balance-weight", "-1"], "--dirmoe-balance-weight"),
+        (["--dirmoe-target-k", "2", "--dirmoe-load-control-floor", "0"],
+         "--dirmoe-load-control-floor"),
+        (["--dirmoe-load-control-floor", "0.5"], "--dirmoe-load-control-floor"),  # no controller
         (["--dirmoe-target-k", "0"], "--dirmoe-target-k"),
         (["--dirmoe-target-k", "9"], "--dirmoe-target-k"),  # > --num-experts (8)
         (["--dirmoe-max-active", "9"], "--dirmoe-max-active"),

@@ -40,11 +40,16 @@ def test_calibrated_recipe_defaults_depend_on_k():
     assert one.recipe == "calibrated" and one.slab == "gate"
     assert (one.posterior_scale, one.kl_weight, one.balance_weight) == (1000.0, 0.0, 0.1)
     assert one.count_control_rate == two.count_control_rate == 0.03
-    # From k = 2 on the load controller balances the load and the balance term is off.
+    # From k = 2 on the load controller balances the load and the balance term is off; a
+    # floor-only controller (given) leaves the balancing to the balance term.
     assert (one.load_control_rate, two.load_control_rate) == (0.0, 0.03)
+    assert one.load_control_floor == two.load_control_floor == 1.0
     assert two.balance_weight == 0.0
     assert DirMoEConfig(target_k=2, load_control_rate=0.0).balance_weight == 0.1
     assert DirMoEConfig(target_k=1, load_control_rate=0.05).balance_weight == 0.0
+    assert DirMoEConfig(target_k=2, load_control_floor=0.5).balance_weight == 0.1
+    assert DirMoEConfig(target_k=1, load_control_rate=0.03,
+                        load_control_floor=0.5).balance_weight == 0.1
     assert DirMoEConfig(target_k=2, balance_weight=0.02).balance_weight == 0.02
     assert (one.renormalize, one.count_weight) == (False, 0.1)
     assert (two.renormalize, two.count_weight) == (True, 0.0)

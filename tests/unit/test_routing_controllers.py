@@ -396,21 +396,93 @@ def test_b_is_checkpointed_in_fp32_and_absent_without_a_controller(make_router):
         assert off.load_bias is None and "load_bias" not in off.state_dict()
 
 
+def test_floor_controller_lifts_only_starved_experts(make_router):
+    """Below a floor of 1 b_i rises while expert i gets less than that share of the mean load,
+    falls back toward 0 once it gets more, and never goes below 0: it cannot push an expert off
+    its gates' own choice, only lift a starved one."""
+    from megatron_dirmoe.router import update_count_control
+
+    router = make_router(target_k=1, load_control_rate=0.03, load_control_floor=0.5)
+    cfg = router.dirmoe_config
+    assert (cfg.load_control_rate, cfg.load_control_floor, cfg.balance_weight) == (0.03, 0.5, 0.1)
+    rate = cfg.load_control_rate
+    # Loads against the mean, 8 tokens per expert: experts 0 and 1 are below half of it, expert
+    # 2 sits on it (no step), the others above.
+    router.load_sums.copy_(torch.tensor([0.0, 3.0, 4.0, 8.0, 8.0, 9.0, 12.0, 20.0]))
+    router._counting_since = 0
+    assert update_count_control(router) == 1
+    torch.testing.assert_close(router.load_bias,
+                               torch.tensor([rate, rate, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    # Once expert 0 gets enough, its b steps back down, and stops at 0.
+    router.load_sums.copy_(torch.tensor([8.0, 2.0, 4.0, 8.0, 8.0, 9.0, 12.0, 13.0]))
+    update_count_control(router)
+    torch.testing.assert_close(router.load_bias,
+                               torch.tensor([0.0, 2 * rate, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    router.load_sums.copy_(torch.tensor([8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0]) * 2)
+    router.load_sums[0] = 30.0
+    update_count_control(router)
+    assert router.load_bias.min() >= 0.0 and router.load_bias[1] == pytest.approx(rate)
+    # The same numbers with a floor of 1: every expert toward the mean, b of either sign.
+    two_sided = make_router(target_k=1, load_control_rate=0.03)
+    assert two_sided.dirmoe_config.balance_weight == 0.0
+    two_sided.load_sums.copy_(torch.tensor([0.0, 3.0, 4.0, 8.0, 8.0, 9.0, 12.0, 20.0]))
+    update_count_control(two_sided)
+    torch.testing.assert_close(two_sided.load_bias,
+                               torch.tensor([rate] * 3 + [0.0] * 2 + [-rate] * 3))
+
+
+def test_a_starved_expert_recovers_under_the_floor_controller(make_router):
+    """k = 1: an expert that no token picks, with the balance term's gradient not applied (no
+    optimizer here), is lifted by the floor controller alone to at least a quarter of uniform."""
+    from megatron_dirmoe.router import update_count_control
+
+    router = make_router(target_k=1, load_control_rate=0.03, load_control_floor=0.5)
+    hidden = torch.randn(32, 4, H)
+    with torch.no_grad():
+        router.spike_bias[3] -= 4.0
+    assert _train_forward(router, hidden)[:, 3].sum() == 0
+    loads = []
+    for _ in range(200):
+        loads.append(_train_forward(router, hidden).sum(0).float())
+        update_count_control(router)
+    late_E = torch.stack(loads[-20:]).mean(0)
+    assert late_E[3] >= 0.25 * late_E.sum() / E, late_E
+    assert router.load_bias[3] > 1.0 and router.load_bias.min() >= 0.0
+
+
 def test_load_control_config_defaults_and_flags():
     assert DirMoEConfig(target_k=1).load_control_rate == 0.0  # the balance term serves k = 1
     assert DirMoEConfig(target_k=4).load_control_rate == 0.03
     assert DirMoEConfig(recipe="paper", target_k=2).effective_load_control_rate == 0.0
     with pytest.raises(ValueError, match="--dirmoe-load-control-rate"):
         DirMoEConfig(load_control_rate=-0.1)
-    with pytest.raises(ValueError, match="--dirmoe-load-control-rate has no effect"):
-        config_from_args(argparse.Namespace(dirmoe_recipe="paper",
-                                            dirmoe_load_control_rate=0.01))
+    for floor in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"--dirmoe-load-control-floor .* \(0, 1\]"):
+            DirMoEConfig(load_control_floor=floor)
+    for name in ("load_control_rate", "load_control_floor"):
+        with pytest.raises(ValueError, match=f"--dirmoe-{name.replace('_', '-')} has no effect"):
+            config_from_args(argparse.Namespace(dirmoe_recipe="paper", **{f"dirmoe_{name}": 0.5}))
+    # The floor without a controller (off by default at k = 1) would do nothing.
+    with pytest.raises(ValueError, match="--dirmoe-load-control-floor has no effect without the "
+                                         "load controller: give --dirmoe-load-control-rate"):
+        config_from_args(argparse.Namespace(dirmoe_target_k=1, dirmoe_load_control_floor=0.5))
+    floor = config_from_args(argparse.Namespace(dirmoe_target_k=1, dirmoe_load_control_floor=0.5,
+                                                dirmoe_load_control_rate=0.03))
+    assert (floor.load_control_floor, floor.balance_weight) == (0.5, 0.1)
     # A stored config from before the controller balanced with the balance term alone.
     stored = {"recipe": "calibrated", "target_k": 2, "count_weight": 0.0,
               "count_control_rate": 0.03, "balance_weight": 0.1, "slab_mean": "gate",
               "tau_schedule": "cosine"}
     old = config_from_args(argparse.Namespace(dirmoe_config=stored))
     assert (old.load_control_rate, old.balance_weight) == (0.0, 0.1)
+    # One from before the floor stepped b toward the mean load.
+    one = config_from_args(argparse.Namespace(dirmoe_config=dict(
+        stored, target_k=1, load_control_rate=0.0, count_weight=0.1)))
+    two = config_from_args(argparse.Namespace(dirmoe_config=dict(stored,
+                                                                   load_control_rate=0.03,
+                                                                   balance_weight=0.0)))
+    assert (one.load_control_rate, one.load_control_floor) == (0.0, 1.0)
+    assert (two.load_control_rate, two.load_control_floor, two.balance_weight) == (0.03, 1.0, 0.0)
 
 
 def test_megatron_expert_bias_flag_points_at_the_load_controller(megatron_single_rank):
