@@ -36,10 +36,10 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # noise and the KL cost held-out loss.
     # The count is held by the per-layer count controller rather than a penalty, and (k >= 2)
     # the load by the per-expert load controller rather than the balance term.
-    # With 32 or more experts and k >= 4 the recipe adds its own Switch loss on the posterior
-    # mean, and the count controller then counts the gates' own choice with a fallback token at
-    # 3k/4, in proportion to its miss; these depend on E and are resolved by
-    # `DirMoEConfig.calibrated_for` (None here).
+    # With 32 or more experts and k >= 2 the recipe adds its own Switch loss on the posterior
+    # mean; the count controller then counts the gates' own choice with a fallback token at
+    # 3k/4, in proportion to its miss, and the load controller steps 0.01 instead of 0.03;
+    # these depend on E and are resolved by `DirMoEConfig.calibrated_for` (None here).
     "calibrated": dict(posterior_scale=1000.0, kl_weight=0.0, renormalize=None,
                        count_weight=None, count_control_rate=3e-2, load_control_rate=None,
                        balance_weight=None, aux_loss_coeff=None,
@@ -57,14 +57,19 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
                         count_control_on="routed", count_control_gain=0.0),
 }
 
-# The calibrated recipe's fine-grained rule (docs/ROUTER_COMPARISON.md, "Fine-grained experts"):
-# from 32 experts and k = 4 on, the router's own Switch loss on the posterior mean at 0.03.
+# The calibrated recipe's fine-grained rule (docs/ROUTER_COMPARISON.md, steps 8, 9 and 11):
+# from 32 experts on (k >= 2), the router's own Switch loss on the posterior mean at 0.03.
 # Chosen on the validation split: it cost 0.014 at E=8 (k = 2), tied at E=16 (k = 2) and gained
-# 0.028 at E=32 (k = 4) and 0.055 at E=64 (k = 8); at E=32, k = 2 it gained too, but the count
-# ran 13% over k.
+# 0.028 at E=32 (k = 4) and 0.055 at E=64 (k = 8); at E=32, k = 2 it gained 0.038 but left an
+# expert starved (0.22 of uniform) until the load controller's step was cut (below).
 FINE_GRAINED_EXPERTS = 32
-FINE_GRAINED_MIN_K = 4
+FINE_GRAINED_MIN_K = 2
 FINE_GRAINED_AUX_LOSS_COEFF = 3e-2
+# The load controller's step: 0.03, and 0.01 next to the router's own aux loss, which balances
+# the gates already; the smaller step's sign-rule cycle is smaller (step 11: at E=32, k = 2 the
+# least-loaded expert 0.65 of uniform instead of 0.40, the lowest seed 0.49 instead of 0.22).
+LOAD_CONTROL_RATE = 3e-2
+FINE_GRAINED_LOAD_CONTROL_RATE = 1e-2
 # The count controller next to that aux loss (`count_control_on` 'partial', `count_control_gain`):
 # a token on the top-k fallback counts 3/4 of its k experts, and c steps in proportion to the
 # miss, a full step from a miss of k/4 on. Chosen on the validation split with the aux loss on:
@@ -268,7 +273,8 @@ class DirMoEConfig:
         "received fewer routed tokens than --dirmoe-load-control-floor times the mean expert's "
         "in the global batch, and down when more. Like c, b only moves the routing decision. "
         ">= 0; default 0.03 when the weights are renormalised (k >= 2), where it replaces the "
-        "balance term, and 0 (off) at k = 1",
+        "balance term, 0.01 next to the router's own aux loss (--dirmoe-aux-loss-coeff > 0, the "
+        "default from 32 experts on), and 0 (off) at k = 1",
         default=None,
     )
     load_control_floor: float = _doc(
@@ -294,7 +300,7 @@ class DirMoEConfig:
     aux_loss_coeff: Optional[float] = _doc(
         "weight of the router's own Switch load-balancing loss, coeff * E / (T k) * sum_i "
         "load_i * sum_t s_ti (Megatron's aux_loss, on the scores of --dirmoe-aux-loss-scores); "
-        ">= 0. Default: the recipe's (calibrated: 0.03 with 32 or more experts and k >= 4, where "
+        ">= 0. Default: the recipe's (calibrated: 0.03 with 32 or more experts and k >= 2, where "
         "it trained better models, else 0; paper recipes: 0). Megatron's --moe-aux-loss-coeff "
         "(with --moe-router-load-balancing-type aux_loss) replaces it; give one of the two",
         default=None,
@@ -376,8 +382,10 @@ class DirMoEConfig:
                      "posterior_scale", "alpha_lo", "alpha_floor", "recon_variance", "leak"):
             positive(name)
         for name in ("kl_weight", "sparsity_weight", "count_weight", "balance_weight",
-                     "count_control_rate", "load_control_rate"):
+                     "count_control_rate"):
             non_negative(name)
+        if self.load_control_rate is not None:  # None: resolved with E (`calibrated_for`)
+            non_negative("load_control_rate")
         if self.count_control_gain is not None:  # None: resolved with the count (`calibrated_for`)
             non_negative("count_control_gain")
         if not (isinstance(self.load_control_floor, (int, float))
@@ -458,13 +466,19 @@ class DirMoEConfig:
             # and most tokens ride the top-k fallback.
             values["count_weight"] = (0.1 if not renormalize
                                       else 0.0 if resolved("count_control_rate") else 0.01)
-        if values["load_control_rate"] is None:
+        if values["load_control_rate"] is None and not renormalize:
             # At k = 1 the load controller trained worse models than the balance term
             # (docs/ROUTER_COMPARISON.md, steps 6 and 10).
-            values["load_control_rate"] = 3e-2 if renormalize else 0.0
+            values["load_control_rate"] = 0.0
+        elif values["load_control_rate"] is None and self.aux_loss_coeff is not None:
+            values["load_control_rate"] = (FINE_GRAINED_LOAD_CONTROL_RATE
+                                           if self.aux_loss_coeff > 0 else LOAD_CONTROL_RATE)
+        # else (k >= 2, the aux loss left to E): resolved with E by `calibrated_for`.
         if values["balance_weight"] is None:
-            # A floor-only load controller leaves the balancing to the balance term.
-            two_sided = resolved("load_control_rate") and self.load_control_floor == 1.0
+            # A floor-only load controller leaves the balancing to the balance term. A rate
+            # still None is one of the two positive defaults.
+            rate = resolved("load_control_rate")
+            two_sided = (rate is None or rate > 0) and self.load_control_floor == 1.0
             values["balance_weight"] = 0.0 if two_sided else 0.1
         for name, value in values.items():
             if getattr(self, name) is None:
@@ -541,8 +555,9 @@ class DirMoEConfig:
         return self.unnormalized_weight if self.recipe == "calibrated" else "posterior-mean"
 
     @property
-    def effective_load_control_rate(self) -> float:
-        """The load controller's step as applied: the paper recipes have no controller."""
+    def effective_load_control_rate(self) -> Optional[float]:
+        """The load controller's step as applied: the paper recipes have no controller. None
+        until E is known where it depends on the fine-grained aux loss (`calibrated_for`)."""
         return self.load_control_rate if self.recipe == "calibrated" else 0.0
 
     def aux_loss_coeff_for(self, num_experts: Optional[int]) -> Optional[float]:
@@ -559,8 +574,8 @@ class DirMoEConfig:
 
     def calibrated_for(self, num_experts: int) -> "DirMoEConfig":
         """A copy with what depends on the number of experts E resolved: the fine-grained
-        defaults (`aux_loss_coeff`, then `count_control_on` and `count_control_gain`, where
-        left at None) and the calibrators: `prior_scale_end` from `prior_simpson` or
+        defaults (`aux_loss_coeff`, then `load_control_rate`, `count_control_on` and
+        `count_control_gain`, where left at None) and the calibrators: `prior_scale_end` from `prior_simpson` or
         `prior_mass_variance`, `posterior_scale` from `posterior_simpson` (closed form, see
         :mod:`megatron_dirmoe.calibration`), on the prior's shape with k experts on. ``self``
         when nothing is left to resolve. Errors name the flag when a target is unreachable."""
@@ -570,6 +585,9 @@ class DirMoEConfig:
         coeff = self.aux_loss_coeff_for(num_experts)
         if self.aux_loss_coeff is None:
             changes["aux_loss_coeff"] = coeff
+        if self.load_control_rate is None:
+            changes["load_control_rate"] = (FINE_GRAINED_LOAD_CONTROL_RATE if coeff > 0
+                                            else LOAD_CONTROL_RATE)
         if self.count_control_on is None:
             # Next to an aux loss a count of routed experts can leave every token of a layer on
             # the top-k fallback for good (a fallback token counts k, so c never moves).

@@ -41,8 +41,15 @@ def test_calibrated_recipe_defaults_depend_on_k():
     assert (one.posterior_scale, one.kl_weight, one.balance_weight) == (1000.0, 0.0, 0.1)
     assert one.count_control_rate == two.count_control_rate == 0.03
     # From k = 2 on the load controller balances the load and the balance term is off; a
-    # floor-only controller (given) leaves the balancing to the balance term.
-    assert (one.load_control_rate, two.load_control_rate) == (0.0, 0.03)
+    # floor-only controller (given) leaves the balancing to the balance term. Its step waits
+    # for E (0.01 next to the fine-grained aux loss, else 0.03) unless the aux loss is given.
+    assert (one.load_control_rate, two.load_control_rate) == (0.0, None)
+    assert (two.calibrated_for(8).load_control_rate,
+            two.calibrated_for(32).load_control_rate) == (0.03, 0.01)
+    assert DirMoEConfig(target_k=2, aux_loss_coeff=0.0).load_control_rate == 0.03
+    assert DirMoEConfig(target_k=2, aux_loss_coeff=0.03).load_control_rate == 0.01
+    assert DirMoEConfig(target_k=2, load_control_rate=0.05).calibrated_for(
+        32).load_control_rate == 0.05
     assert one.load_control_floor == two.load_control_floor == 1.0
     assert two.balance_weight == 0.0
     assert DirMoEConfig(target_k=2, load_control_rate=0.0).balance_weight == 0.1
@@ -61,24 +68,28 @@ def test_calibrated_recipe_defaults_depend_on_k():
     assert DirMoEConfig(target_k=2, count_weight=0.05).count_weight == 0.05
     # Resolved once: the stored dict holds numbers and rebuilds the same config.
     assert DirMoEConfig(**dataclasses.asdict(two)) == two
+    resolved = two.calibrated_for(32)
+    assert DirMoEConfig(**dataclasses.asdict(resolved)) == resolved
 
 
 @pytest.mark.parametrize("num_experts, k, coeff, count_on", [
     (8, 2, 0.0, "routed"), (16, 4, 0.0, "routed"), (31, 4, 0.0, "routed"),
     (32, 4, 0.03, "partial"), (64, 8, 0.03, "partial"), (256, 8, 0.03, "partial"),
-    (256, 3, 0.0, "routed"), (32, 2, 0.0, "routed"),  # the count ran 13% over k at k = 2
+    (256, 3, 0.03, "partial"), (32, 2, 0.03, "partial"),
     (64, 1, 0.0, "routed"),  # k = 1 keeps its balance term
 ])
 def test_fine_grained_defaults_depend_on_the_number_of_experts(num_experts, k, coeff, count_on):
-    """From 32 experts and k = 4 on the calibrated recipe adds its own Switch loss on the
-    posterior mean, and its count controller then counts the gates' own choice; both are
-    resolved once E is known, and a value given wins."""
+    """From 32 experts on (k >= 2) the calibrated recipe adds its own Switch loss on the
+    posterior mean; its count controller then counts the gates' own choice and its load
+    controller steps 0.01 instead of 0.03. All are resolved once E is known, and a value given
+    wins."""
     cfg = DirMoEConfig(target_k=k)
     assert (cfg.aux_loss_coeff, cfg.count_control_on) == (None, None)  # E not known yet
     assert cfg.aux_loss_scores == "posterior-mean"
     resolved = cfg.calibrated_for(num_experts)
     assert resolved.aux_loss_coeff == pytest.approx(coeff)
     assert resolved.count_control_on == count_on
+    assert resolved.load_control_rate == (0.0 if k == 1 else 0.01 if coeff else 0.03)
     # The gates' count is stepped in proportion to its miss, the routed count by its sign.
     assert cfg.count_control_gain is None
     assert resolved.count_control_gain == (4.0 if count_on == "partial" else 0.0)

@@ -260,7 +260,7 @@ def test_resume_check_names_new_defaults_and_refuses_controllers_without_state()
                             types.SimpleNamespace(dirmoe_config=current,
                                                   dirmoe_allow_config_change=allow), "ckpt")
 
-    new_k2 = dataclasses.asdict(DirMoEConfig(target_k=2, schedule_iters=10))
+    new_k2 = dataclasses.asdict(DirMoEConfig(target_k=2, schedule_iters=10).calibrated_for(8))
     # A 32-expert k = 4 run from before the router's own aux loss resumes only when told to;
     # an 8-expert one sees no change there.
     fine_k4 = dataclasses.asdict(DirMoEConfig(target_k=4, schedule_iters=10).calibrated_for(32))
@@ -269,6 +269,12 @@ def test_resume_check_names_new_defaults_and_refuses_controllers_without_state()
             "--dirmoe-count-control-on 'routed' -> 'partial'",
             "--dirmoe-count-control-gain 0.0 -> 4.0"} <= set(
         dirmoe_config_changes(dict(k2, target_k=4), fine_k4))
+    # A 32-expert k = 2 run from before the aux loss reached k = 2 (step 11) names both.
+    fine_k2 = dataclasses.asdict(DirMoEConfig(target_k=2, schedule_iters=10).calibrated_for(32))
+    assert {"--dirmoe-aux-loss-coeff 0.0 -> 0.03",
+            "--dirmoe-load-control-rate 0.03 -> 0.01"} <= set(dirmoe_config_changes(
+                dict(fine_k2, aux_loss_coeff=0.0, load_control_rate=0.03,
+                     count_control_on="routed", count_control_gain=0.0), fine_k2))
     # One from the release that counted a fallback token 0 and stepped c by the sign rule.
     gates_k4 = dict(fine_k4, count_control_on="gates")
     del gates_k4["count_control_gain"]

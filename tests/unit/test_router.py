@@ -345,13 +345,15 @@ def test_aux_loss_next_to_gate_routing_warns_once(router_factory, monkeypatch):
 
 
 @pytest.mark.parametrize("num_experts, k, coeff", [
-    (8, 4, 0.0), (16, 4, 0.0), (32, 2, 0.0), (32, 4, 0.03), (64, 8, 0.03)])
+    (8, 4, 0.0), (16, 4, 0.0), (32, 2, 0.03), (32, 4, 0.03), (64, 8, 0.03)])
 def test_router_resolves_the_fine_grained_defaults(router_factory, num_experts, k, coeff):
-    """From 32 experts and k = 4 on, a router of the default recipe has its own aux loss (0.03
-    on the posterior mean), and its count controller counts the gates' own choice with a
-    fallback token at 3k/4 and steps in proportion to the miss; otherwise none of these."""
+    """From 32 experts on (k >= 2), a router of the default recipe has its own aux loss (0.03
+    on the posterior mean), its count controller counts the gates' own choice with a fallback
+    token at 3k/4 and steps in proportion to the miss, and its load controller steps 0.01;
+    otherwise none of these (the load controller steps 0.03)."""
     router = router_factory({"num_moe_experts": num_experts}, target_k=k)
     assert router.aux_loss_coeff == pytest.approx(coeff)
+    assert router.load_control_rate == (0.01 if coeff else 0.03)
     assert router.dirmoe_config.aux_loss_coeff == pytest.approx(coeff)
     assert (router._fallback_counted, router.count_control_gain) == (
         (0.75, 4.0) if coeff > 0 else (1.0, 0.0))

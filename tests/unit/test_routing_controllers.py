@@ -452,7 +452,10 @@ def test_a_starved_expert_recovers_under_the_floor_controller(make_router):
 
 def test_load_control_config_defaults_and_flags():
     assert DirMoEConfig(target_k=1).load_control_rate == 0.0  # the balance term serves k = 1
-    assert DirMoEConfig(target_k=4).load_control_rate == 0.03
+    # From k = 2 on: 0.03, or 0.01 next to the fine-grained aux loss (from 32 experts on).
+    assert DirMoEConfig(target_k=4).load_control_rate is None  # E not known yet
+    assert DirMoEConfig(target_k=4).calibrated_for(16).load_control_rate == 0.03
+    assert DirMoEConfig(target_k=4).calibrated_for(32).load_control_rate == 0.01
     assert DirMoEConfig(recipe="paper", target_k=2).effective_load_control_rate == 0.0
     with pytest.raises(ValueError, match="--dirmoe-load-control-rate"):
         DirMoEConfig(load_control_rate=-0.1)
