@@ -575,10 +575,10 @@ class DirMoEConfig:
     def calibrated_for(self, num_experts: int) -> "DirMoEConfig":
         """A copy with what depends on the number of experts E resolved: the fine-grained
         defaults (`aux_loss_coeff`, then `load_control_rate`, `count_control_on` and
-        `count_control_gain`, where left at None) and the calibrators: `prior_scale_end` from `prior_simpson` or
-        `prior_mass_variance`, `posterior_scale` from `posterior_simpson` (closed form, see
-        :mod:`megatron_dirmoe.calibration`), on the prior's shape with k experts on. ``self``
-        when nothing is left to resolve. Errors name the flag when a target is unreachable."""
+        `count_control_gain`, where left at None) and the calibrators: `prior_scale_end` from
+        `prior_simpson` or `prior_mass_variance`, `posterior_scale` from `posterior_simpson`
+        (closed form, see :mod:`megatron_dirmoe.calibration`), on the prior's shape with k
+        experts on. ``self`` when nothing is left to resolve. Errors name the flag when a target is unreachable."""
         from megatron_dirmoe import calibration
 
         changes: dict[str, Any] = {}
