@@ -70,6 +70,12 @@ FINE_GRAINED_AUX_LOSS_COEFF = 3e-2
 # least-loaded expert 0.65 of uniform instead of 0.40, the lowest seed 0.49 instead of 0.22).
 LOAD_CONTROL_RATE = 3e-2
 FINE_GRAINED_LOAD_CONTROL_RATE = 1e-2
+
+
+def _load_control_rate_next_to(aux_loss_coeff: float) -> float:
+    """The calibrated recipe's load-controller step (k >= 2) next to the router's own aux loss."""
+    return FINE_GRAINED_LOAD_CONTROL_RATE if aux_loss_coeff > 0 else LOAD_CONTROL_RATE
+
 # The count controller next to that aux loss (`count_control_on` 'partial', `count_control_gain`):
 # a token on the top-k fallback counts 3/4 of its k experts, and c steps in proportion to the
 # miss, a full step from a miss of k/4 on. Chosen on the validation split with the aux loss on:
@@ -471,8 +477,7 @@ class DirMoEConfig:
             # (docs/ROUTER_COMPARISON.md, steps 6 and 10).
             values["load_control_rate"] = 0.0
         elif values["load_control_rate"] is None and self.aux_loss_coeff is not None:
-            values["load_control_rate"] = (FINE_GRAINED_LOAD_CONTROL_RATE
-                                           if self.aux_loss_coeff > 0 else LOAD_CONTROL_RATE)
+            values["load_control_rate"] = _load_control_rate_next_to(self.aux_loss_coeff)
         # else (k >= 2, the aux loss left to E): resolved with E by `calibrated_for`.
         if values["balance_weight"] is None:
             # A floor-only load controller leaves the balancing to the balance term. A rate
@@ -578,7 +583,8 @@ class DirMoEConfig:
         `count_control_gain`, where left at None) and the calibrators: `prior_scale_end` from
         `prior_simpson` or `prior_mass_variance`, `posterior_scale` from `posterior_simpson`
         (closed form, see :mod:`megatron_dirmoe.calibration`), on the prior's shape with k
-        experts on. ``self`` when nothing is left to resolve. Errors name the flag when a target is unreachable."""
+        experts on. ``self`` when nothing is left to resolve. Errors name the flag when a
+        target is unreachable."""
         from megatron_dirmoe import calibration
 
         changes: dict[str, Any] = {}
@@ -586,8 +592,7 @@ class DirMoEConfig:
         if self.aux_loss_coeff is None:
             changes["aux_loss_coeff"] = coeff
         if self.load_control_rate is None:
-            changes["load_control_rate"] = (FINE_GRAINED_LOAD_CONTROL_RATE if coeff > 0
-                                            else LOAD_CONTROL_RATE)
+            changes["load_control_rate"] = _load_control_rate_next_to(coeff)
         if self.count_control_on is None:
             # Next to an aux loss a count of routed experts can leave every token of a layer on
             # the top-k fallback for good (a fallback token counts k, so c never moves).
