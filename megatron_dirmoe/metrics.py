@@ -268,7 +268,10 @@ def install_metrics_tracker(num_experts: Optional[int] = None) -> DirMoEMetricsT
 
 
 def routing_summary(per_layer: Dict[str, torch.Tensor], moe_layers: List[int]) -> List[dict]:
-    """One dict per MoE layer (1-based layer numbers) from a tracker's per-layer values."""
+    """One dict per MoE layer (1-based layer numbers) from a tracker's per-layer values; none
+    when the tracker holds no step (a run resumed at its last iteration trains nothing)."""
+    if not per_layer:
+        return []
     rows = []
     for layer in moe_layers:
         row = {"layer": layer}

@@ -392,6 +392,12 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu",
     if result.valid_losses:
         last = max(result.valid_losses)
         _log(f"[dirmoe] final validation loss (iteration {last}): {result.valid_losses[last]:.4f}")
+    if not result.losses:
+        # Resumed at --train-iters: without this line the rerun ends silently, which reads as a
+        # run that did nothing wrong but also nothing at all.
+        _log(f"[dirmoe] nothing to train: the checkpoint is at iteration {iteration} of "
+             f"--train-iters {args.train_iters}; raise --train-iters to train on (the routing "
+             "summary is in the log of the run that trained it)")
     if train_rows and args.dirmoe_router == "dirichlet":
         _log(format_routing_summary(train_rows, cfg.target_k, args.num_experts))
         _log("  last training step; active = realised experts per token, eval_active = the "

@@ -80,8 +80,9 @@ def test_cpu_run_end_to_end(tmp_path, data_cache, capsys):
     assert any("router.spike_bias" in name for name in trained)
 
 
-def test_resume_equivalence(tmp_path, data_cache):
-    """N steps straight == N/2 steps, stop, rerun the same command (resumes) for N/2 more."""
+def test_resume_equivalence(tmp_path, data_cache, capsys):
+    """N steps straight == N/2 steps, stop, rerun the same command (resumes) for N/2 more; a
+    third rerun has nothing left to train and says so instead of printing an empty summary."""
     n = 8
     common = ["--train-iters", str(n), "--eval-interval", "100", "--eval-iters", "1",
               "--save-interval", "100"]
@@ -98,6 +99,12 @@ def test_resume_equivalence(tmp_path, data_cache):
                             second.model.state_dict().values()):
         if isinstance(a, torch.Tensor):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    capsys.readouterr()
+    third = run(tmp_path / "resumed", data_cache, *common)
+    assert third.iteration == n and third.losses == {} and third.routing == []
+    out = capsys.readouterr().out
+    assert f"nothing to train: the checkpoint is at iteration {n} of --train-iters {n}" in out
+    assert "routing summary (target k" not in out
 
 
 def test_resume_with_a_changed_schedule_names_the_flags(tmp_path, data_cache):
