@@ -392,9 +392,9 @@ def train_on_cpu(args: argparse.Namespace, device: str = "cpu",
     if result.valid_losses:
         last = max(result.valid_losses)
         _log(f"[dirmoe] final validation loss (iteration {last}): {result.valid_losses[last]:.4f}")
-    if not result.losses:
-        # Resumed at --train-iters: without this line the rerun ends silently, which reads as a
-        # run that did nothing wrong but also nothing at all.
+    if not result.losses and iteration >= args.train_iters:
+        # Resumed at --train-iters: without this line the rerun ends with an empty summary.
+        # (A run stopped before its first step is not "nothing to train"; the exit line says why.)
         _log(f"[dirmoe] nothing to train: the checkpoint is at iteration {iteration} of "
              f"--train-iters {args.train_iters}; raise --train-iters to train on (the routing "
              "summary is in the log of the run that trained it)")
